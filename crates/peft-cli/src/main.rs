@@ -1,0 +1,2 @@
+//! The `peft` command line.
+fn main() {}

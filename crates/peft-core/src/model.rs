@@ -1,0 +1,213 @@
+//! What a model implements so PEFT methods can find and change its layers, and the
+//! model-wide adapter operations built on it.
+//!
+//! burn has no forward hooks and no module replacement, so architectures are written with
+//! adapter slots (see [`crate::inject::PeftSlots`]) and implement [`AdaptableModel`] to
+//! enumerate them by their Hugging Face module paths.
+
+use burn::prelude::*;
+
+use crate::adapters::{AdaptedLinear, AdapterControl};
+use crate::error::{PeftError, Result};
+use crate::inject::PeftSlots;
+use crate::target::ModuleInfo;
+
+/// The linear-layer type of a model with slot bundle `P`.
+pub type SlotLinear<B, P> =
+    AdaptedLinear<B, <P as PeftSlots<B>>::Weight, <P as PeftSlots<B>>::Linear>;
+
+/// A model whose injection points PEFT methods can reach.
+///
+/// Paths are the Hugging Face module paths (`model.layers.3.self_attn.q_proj`). For the
+/// non-linear points, an architecture chooses stable paths and documents them (the Llama
+/// family uses `model.layers.N.attn_adapter` / `mlp_adapter`, `model.embed_adapter` and
+/// `model.kv_adapter`).
+pub trait AdaptableModel<B: Backend, P: PeftSlots<B>> {
+    /// Every module of the model with its kind, for target selection (including modules
+    /// that cannot be adapted, so error messages can list what exists).
+    fn modules(&self) -> Vec<ModuleInfo>;
+
+    /// Visits every linear layer.
+    fn visit_linears(&self, f: &mut dyn FnMut(&str, &SlotLinear<B, P>));
+
+    /// Changes every linear layer in place; stops at the first error.
+    ///
+    /// # Errors
+    /// Whatever `f` returns.
+    fn map_linears(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut SlotLinear<B, P>) -> Result<()>,
+    ) -> Result<()>;
+
+    /// Changes every sublayer adapter slot in place. Default: the model has none.
+    ///
+    /// # Errors
+    /// Whatever `f` returns.
+    fn map_sublayers(&mut self, f: &mut dyn FnMut(&str, &mut P::Sublayer) -> Result<()>) -> Result<()> {
+        let _ = f;
+        Ok(())
+    }
+
+    /// Changes the embedding adapter slot in place. Default: the model has none.
+    ///
+    /// # Errors
+    /// Whatever `f` returns.
+    fn map_embedding(&mut self, f: &mut dyn FnMut(&str, &mut P::Embedding) -> Result<()>) -> Result<()> {
+        let _ = f;
+        Ok(())
+    }
+
+    /// Changes the key/value adapter slot in place. Default: the model has none.
+    ///
+    /// # Errors
+    /// Whatever `f` returns.
+    fn map_kv(&mut self, f: &mut dyn FnMut(&str, &mut P::KeyValue) -> Result<()>) -> Result<()> {
+        let _ = f;
+        Ok(())
+    }
+}
+
+/// Applies `f` to the adapter slot at every injection point of the model.
+fn for_each_slot<B, P, M>(model: &mut M, f: &mut dyn FnMut(&mut dyn AdapterControl)) -> Result<()>
+where
+    B: Backend,
+    P: PeftSlots<B>,
+    M: AdaptableModel<B, P>,
+{
+    model.map_linears(&mut |_, l| {
+        f(&mut l.adapter);
+        Ok(())
+    })?;
+    model.map_sublayers(&mut |_, s| {
+        f(s);
+        Ok(())
+    })?;
+    model.map_embedding(&mut |_, e| {
+        f(e);
+        Ok(())
+    })?;
+    model.map_kv(&mut |_, k| {
+        f(k);
+        Ok(())
+    })
+}
+
+/// The names of every adapter in the model, in first-seen order.
+pub fn adapter_names<B, P, M>(model: &mut M) -> Result<Vec<String>>
+where
+    B: Backend,
+    P: PeftSlots<B>,
+    M: AdaptableModel<B, P>,
+{
+    let mut names: Vec<String> = Vec::new();
+    for_each_slot::<B, P, M>(model, &mut |s| {
+        for n in s.adapter_names() {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    })?;
+    Ok(names)
+}
+
+/// Makes exactly the named adapters active everywhere.
+///
+/// # Errors
+/// [`PeftError::Adapter`] if a name is held nowhere in the model (listing those that are).
+pub fn set_active_adapters<B, P, M>(model: &mut M, names: &[&str]) -> Result<()>
+where
+    B: Backend,
+    P: PeftSlots<B>,
+    M: AdaptableModel<B, P>,
+{
+    let known = adapter_names::<B, P, M>(model)?;
+    for n in names {
+        if !known.iter().any(|k| k == n) {
+            return Err(unknown_adapter(n, &known));
+        }
+    }
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    for_each_slot::<B, P, M>(model, &mut |s| s.set_active(&names))
+}
+
+/// Disables (or re-enables) every adapter: disabled, the model computes exactly the base
+/// model. Merged adapters are unmerged first, as peft does.
+///
+/// # Errors
+/// Unmerging can fail for a method that cannot unmerge.
+pub fn set_adapters_disabled<B, P, M>(model: &mut M, disabled: bool) -> Result<()>
+where
+    B: Backend,
+    P: PeftSlots<B>,
+    M: AdaptableModel<B, P>,
+{
+    if disabled {
+        unmerge_adapters::<B, P, M>(model)?;
+    }
+    for_each_slot::<B, P, M>(model, &mut |s| s.set_disabled(disabled))
+}
+
+/// Deletes an adapter everywhere (unmerging the model first if it is merged).
+///
+/// # Errors
+/// [`PeftError::Adapter`] if no layer holds it.
+pub fn delete_adapter<B, P, M>(model: &mut M, name: &str) -> Result<()>
+where
+    B: Backend,
+    P: PeftSlots<B>,
+    M: AdaptableModel<B, P>,
+{
+    let known = adapter_names::<B, P, M>(model)?;
+    if !known.iter().any(|k| k == name) {
+        return Err(unknown_adapter(name, &known));
+    }
+    let mut merged = false;
+    model.visit_linears(&mut |_, l| merged |= l.adapter.merged_adapters().iter().any(|m| m == name));
+    if merged {
+        unmerge_adapters::<B, P, M>(model)?;
+    }
+    for_each_slot::<B, P, M>(model, &mut |s| {
+        s.remove(name);
+    })
+}
+
+/// Merges the named adapters (all active ones when `None`) into every linear layer's base
+/// weight. With `safe`, a layer whose merged weight would hold NaN or infinity stops the
+/// merge with an error (layers merged before it stay merged and can be unmerged).
+///
+/// # Errors
+/// As [`AdaptedLinear::merge`].
+pub fn merge_adapters<B, P, M>(model: &mut M, names: Option<&[&str]>, safe: bool) -> Result<()>
+where
+    B: Backend,
+    P: PeftSlots<B>,
+    M: AdaptableModel<B, P>,
+{
+    let names: Option<Vec<String>> = names.map(|n| n.iter().map(|s| s.to_string()).collect());
+    model.map_linears(&mut |path, l| {
+        l.merge(names.as_deref(), safe).map_err(|e| match e {
+            PeftError::Adapter(m) => PeftError::Adapter(format!("{path}: {m}")),
+            other => other,
+        })
+    })
+}
+
+/// Takes every merged adapter back out of every linear layer.
+///
+/// # Errors
+/// As [`AdaptedLinear::unmerge`].
+pub fn unmerge_adapters<B, P, M>(model: &mut M) -> Result<()>
+where
+    B: Backend,
+    P: PeftSlots<B>,
+    M: AdaptableModel<B, P>,
+{
+    model.map_linears(&mut |_, l| l.unmerge())
+}
+
+fn unknown_adapter(name: &str, known: &[String]) -> PeftError {
+    PeftError::Adapter(format!(
+        "no adapter named `{name}` in this model; it has: {}",
+        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+    ))
+}
