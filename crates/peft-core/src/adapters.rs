@@ -431,12 +431,14 @@ pub struct AdaptedLinear<B: Backend, W, A> {
     pub backend: PhantomData<B>,
 }
 
-impl<B: Backend, W: LinearWeight<B>, A: LinearAdapterControl<B> + Default> AdaptedLinear<B, W, A> {
+impl<B: Backend, W: LinearWeight<B>, A: Default> AdaptedLinear<B, W, A> {
     /// A layer with no adapter yet.
     pub fn new(base: W) -> Self {
         Self { base, adapter: A::default(), backend: PhantomData }
     }
+}
 
+impl<B: Backend, W: LinearWeight<B>, A: LinearAdapterControl<B>> AdaptedLinear<B, W, A> {
     /// The layer's output. With adapters disabled (or none active) this is exactly the
     /// base layer's output.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {

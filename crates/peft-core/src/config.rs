@@ -288,8 +288,39 @@ fn default_alpha() -> f64 {
     8.0
 }
 
-fn is_false(b: &bool) -> bool {
-    !*b
+/// Writes whole floats as JSON integers, as Python writes `lora_alpha=16`, so a file read
+/// and written back keeps its values exactly.
+mod number {
+    use serde::Serializer;
+    use serde::ser::SerializeMap;
+
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+    pub(super) fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.fract() == 0.0 && v.abs() < EXACT {
+            s.serialize_i64(*v as i64)
+        } else {
+            s.serialize_f64(*v)
+        }
+    }
+
+    pub(super) fn serialize_map<S: Serializer>(
+        m: &super::OrderedPatterns<f64>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        struct Num(f64);
+        impl serde::Serialize for Num {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                serialize(&self.0, s)
+            }
+        }
+        let mut map = s.serialize_map(Some(m.len()))?;
+        for (k, v) in m {
+            map.serialize_entry(k, &Num(*v))?;
+        }
+        map.end()
+    }
 }
 
 /// An ordered `name pattern -> value` map, as peft's `rank_pattern` / `alpha_pattern`
@@ -309,7 +340,7 @@ pub struct LoraFields {
     #[serde(default)]
     pub exclude_modules: Option<Targets>,
     /// Scaling numerator: the delta is scaled by `lora_alpha / r` (`/ sqrt(r)` with rsLoRA).
-    #[serde(default = "default_alpha")]
+    #[serde(default = "default_alpha", serialize_with = "number::serialize")]
     pub lora_alpha: f64,
     /// Dropout on the LoRA path's input, in training only.
     #[serde(default)]
@@ -339,20 +370,36 @@ pub struct LoraFields {
     #[serde(default)]
     pub rank_pattern: OrderedPatterns<usize>,
     /// Per-module alphas (regex key, matched at the end of the path).
-    #[serde(default)]
+    #[serde(default, serialize_with = "number::serialize_map")]
     pub alpha_pattern: OrderedPatterns<f64>,
     /// DoRA: weight-decomposed LoRA.
     #[serde(default)]
     pub use_dora: bool,
     /// A trainable bias on `lora_B`.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default)]
     pub lora_bias: bool,
 }
 
 impl Default for LoraFields {
     fn default() -> Self {
-        // Every field has a serde default.
-        serde_json::from_value(Value::Object(Map::new())).unwrap_or_else(|_| unreachable!())
+        Self {
+            r: default_r(),
+            target_modules: None,
+            exclude_modules: None,
+            lora_alpha: default_alpha(),
+            lora_dropout: 0.0,
+            fan_in_fan_out: false,
+            bias: LoraBias::None,
+            use_rslora: false,
+            modules_to_save: None,
+            init_lora_weights: InitLoraWeights::default(),
+            layers_to_transform: None,
+            layers_pattern: None,
+            rank_pattern: OrderedPatterns::new(),
+            alpha_pattern: OrderedPatterns::new(),
+            use_dora: false,
+            lora_bias: false,
+        }
     }
 }
 

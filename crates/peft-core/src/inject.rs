@@ -14,8 +14,8 @@
 //! | which parameters train | [`crate::trainable::TrainablePolicy`] | BitFit, `modules_to_save`, full |
 //! | the head | [`Head`] | value heads, classification heads |
 //!
-//! A model is generic over a [`PeftSlots`] bundle that names one type per point. The
-//! "nothing" types ([`NoAdapter`]) make the plain model;
+//! A model is generic over the module type at each point ([`PeftSlots`] names a set of
+//! them); [`NoAdapter`] makes the plain model;
 //! [`crate::adapters::AdapterSet`] holds several *named* adapters of one method at a point,
 //! and a tuple `(X, Y)` composes two methods at the same point (LoRA plus (IA)^3, say), each
 //! with its own names.
@@ -144,10 +144,12 @@ pub trait Head<B: Backend>: Module<B> + ModuleDisplay {
     fn forward(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3>;
 }
 
-/// The types a model uses at each injection point.
+/// A bundle naming the type used at each injection point, for writing model types briefly.
 ///
-/// `peft-models` architectures are generic over one `PeftSlots` type; [`Plain`] is the
-/// unadapted model. A method crate defines its own bundle (or a user combines several).
+/// Architectures are generic over their slot *module* types (burn's derive needs that);
+/// a bundle names all of them at once, as in `Llama<B, SlotLinear<B, P>, P::Sublayer, ...>`.
+/// [`Plain`] is the unadapted model; a method crate defines its own bundle, and a user can
+/// combine several (a pair `(X, Y)` at a point composes two methods).
 pub trait PeftSlots<B: Backend>: Clone + Send + core::fmt::Debug + 'static {
     /// Frozen weight storage of every linear layer.
     type Weight: LinearWeight<B>;

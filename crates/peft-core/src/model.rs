@@ -2,33 +2,51 @@
 //! model-wide adapter operations built on it.
 //!
 //! burn has no forward hooks and no module replacement, so architectures are written with
-//! adapter slots (see [`crate::inject::PeftSlots`]) and implement [`AdaptableModel`] to
-//! enumerate them by their Hugging Face module paths.
+//! adapter slots and implement [`AdaptableModel`] to enumerate them by their Hugging Face
+//! module paths. The free functions here (activate, disable, merge, unmerge, delete) work
+//! on any such model, for any method.
 
 use burn::prelude::*;
 
-use crate::adapters::{AdaptedLinear, AdapterControl};
+use crate::adapters::{AdaptedLinear, AdapterControl, LinearAdapterControl};
 use crate::error::{PeftError, Result};
-use crate::inject::PeftSlots;
+use crate::inject::{EmbeddingAdapter, KvAdapter, LinearWeight, PeftSlots, SublayerAdapter};
 use crate::target::ModuleInfo;
 
 /// The linear-layer type of a model with slot bundle `P`.
 pub type SlotLinear<B, P> =
     AdaptedLinear<B, <P as PeftSlots<B>>::Weight, <P as PeftSlots<B>>::Linear>;
 
+/// The linear-layer type of a model `M`.
+pub type ModelLinear<B, M> =
+    AdaptedLinear<B, <M as AdaptableModel<B>>::Weight, <M as AdaptableModel<B>>::Linear>;
+
 /// A model whose injection points PEFT methods can reach.
 ///
-/// Paths are the Hugging Face module paths (`model.layers.3.self_attn.q_proj`). For the
-/// non-linear points, an architecture chooses stable paths and documents them (the Llama
-/// family uses `model.layers.N.attn_adapter` / `mlp_adapter`, `model.embed_adapter` and
-/// `model.kv_adapter`).
-pub trait AdaptableModel<B: Backend, P: PeftSlots<B>> {
+/// Architectures are generic over the *module* types of their slots (burn's derive maps
+/// generic modules between backends, so the struct carries no trait bounds) and implement
+/// this trait for the slot types that satisfy the injection-point traits. Paths are the
+/// Hugging Face module paths (`model.layers.3.self_attn.q_proj`); for the non-linear
+/// points, an architecture chooses stable paths ending in `_adapter` and documents them
+/// (the Llama family uses `model.layers.N.attn_adapter` / `mlp_adapter`).
+pub trait AdaptableModel<B: Backend> {
+    /// Frozen weight storage of the linear layers.
+    type Weight: LinearWeight<B>;
+    /// The adapter slot of the linear layers.
+    type Linear: LinearAdapterControl<B>;
+    /// The adapter slot after each sublayer.
+    type Sublayer: SublayerAdapter<B> + AdapterControl;
+    /// The adapter slot on the input embeddings.
+    type Embedding: EmbeddingAdapter<B> + AdapterControl;
+    /// The adapter slot on the attention keys and values.
+    type KeyValue: KvAdapter<B> + AdapterControl;
+
     /// Every module of the model with its kind, for target selection (including modules
     /// that cannot be adapted, so error messages can list what exists).
     fn modules(&self) -> Vec<ModuleInfo>;
 
     /// Visits every linear layer.
-    fn visit_linears(&self, f: &mut dyn FnMut(&str, &SlotLinear<B, P>));
+    fn visit_linears(&self, f: &mut dyn FnMut(&str, &ModelLinear<B, Self>));
 
     /// Changes every linear layer in place; stops at the first error.
     ///
@@ -36,14 +54,14 @@ pub trait AdaptableModel<B: Backend, P: PeftSlots<B>> {
     /// Whatever `f` returns.
     fn map_linears(
         &mut self,
-        f: &mut dyn FnMut(&str, &mut SlotLinear<B, P>) -> Result<()>,
+        f: &mut dyn FnMut(&str, &mut ModelLinear<B, Self>) -> Result<()>,
     ) -> Result<()>;
 
     /// Changes every sublayer adapter slot in place. Default: the model has none.
     ///
     /// # Errors
     /// Whatever `f` returns.
-    fn map_sublayers(&mut self, f: &mut dyn FnMut(&str, &mut P::Sublayer) -> Result<()>) -> Result<()> {
+    fn map_sublayers(&mut self, f: &mut dyn FnMut(&str, &mut Self::Sublayer) -> Result<()>) -> Result<()> {
         let _ = f;
         Ok(())
     }
@@ -52,7 +70,7 @@ pub trait AdaptableModel<B: Backend, P: PeftSlots<B>> {
     ///
     /// # Errors
     /// Whatever `f` returns.
-    fn map_embedding(&mut self, f: &mut dyn FnMut(&str, &mut P::Embedding) -> Result<()>) -> Result<()> {
+    fn map_embedding(&mut self, f: &mut dyn FnMut(&str, &mut Self::Embedding) -> Result<()>) -> Result<()> {
         let _ = f;
         Ok(())
     }
@@ -61,18 +79,17 @@ pub trait AdaptableModel<B: Backend, P: PeftSlots<B>> {
     ///
     /// # Errors
     /// Whatever `f` returns.
-    fn map_kv(&mut self, f: &mut dyn FnMut(&str, &mut P::KeyValue) -> Result<()>) -> Result<()> {
+    fn map_kv(&mut self, f: &mut dyn FnMut(&str, &mut Self::KeyValue) -> Result<()>) -> Result<()> {
         let _ = f;
         Ok(())
     }
 }
 
 /// Applies `f` to the adapter slot at every injection point of the model.
-fn for_each_slot<B, P, M>(model: &mut M, f: &mut dyn FnMut(&mut dyn AdapterControl)) -> Result<()>
+fn for_each_slot<B, M>(model: &mut M, f: &mut dyn FnMut(&mut dyn AdapterControl)) -> Result<()>
 where
     B: Backend,
-    P: PeftSlots<B>,
-    M: AdaptableModel<B, P>,
+    M: AdaptableModel<B>,
 {
     model.map_linears(&mut |_, l| {
         f(&mut l.adapter);
@@ -93,14 +110,13 @@ where
 }
 
 /// The names of every adapter in the model, in first-seen order.
-pub fn adapter_names<B, P, M>(model: &mut M) -> Result<Vec<String>>
+pub fn adapter_names<B, M>(model: &mut M) -> Result<Vec<String>>
 where
     B: Backend,
-    P: PeftSlots<B>,
-    M: AdaptableModel<B, P>,
+    M: AdaptableModel<B>,
 {
     let mut names: Vec<String> = Vec::new();
-    for_each_slot::<B, P, M>(model, &mut |s| {
+    for_each_slot::<B, M>(model, &mut |s| {
         for n in s.adapter_names() {
             if !names.contains(&n) {
                 names.push(n);
@@ -114,20 +130,19 @@ where
 ///
 /// # Errors
 /// [`PeftError::Adapter`] if a name is held nowhere in the model (listing those that are).
-pub fn set_active_adapters<B, P, M>(model: &mut M, names: &[&str]) -> Result<()>
+pub fn set_active_adapters<B, M>(model: &mut M, names: &[&str]) -> Result<()>
 where
     B: Backend,
-    P: PeftSlots<B>,
-    M: AdaptableModel<B, P>,
+    M: AdaptableModel<B>,
 {
-    let known = adapter_names::<B, P, M>(model)?;
+    let known = adapter_names::<B, M>(model)?;
     for n in names {
         if !known.iter().any(|k| k == n) {
             return Err(unknown_adapter(n, &known));
         }
     }
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    for_each_slot::<B, P, M>(model, &mut |s| s.set_active(&names))
+    for_each_slot::<B, M>(model, &mut |s| s.set_active(&names))
 }
 
 /// Disables (or re-enables) every adapter: disabled, the model computes exactly the base
@@ -135,38 +150,36 @@ where
 ///
 /// # Errors
 /// Unmerging can fail for a method that cannot unmerge.
-pub fn set_adapters_disabled<B, P, M>(model: &mut M, disabled: bool) -> Result<()>
+pub fn set_adapters_disabled<B, M>(model: &mut M, disabled: bool) -> Result<()>
 where
     B: Backend,
-    P: PeftSlots<B>,
-    M: AdaptableModel<B, P>,
+    M: AdaptableModel<B>,
 {
     if disabled {
-        unmerge_adapters::<B, P, M>(model)?;
+        unmerge_adapters::<B, M>(model)?;
     }
-    for_each_slot::<B, P, M>(model, &mut |s| s.set_disabled(disabled))
+    for_each_slot::<B, M>(model, &mut |s| s.set_disabled(disabled))
 }
 
 /// Deletes an adapter everywhere (unmerging the model first if it is merged).
 ///
 /// # Errors
 /// [`PeftError::Adapter`] if no layer holds it.
-pub fn delete_adapter<B, P, M>(model: &mut M, name: &str) -> Result<()>
+pub fn delete_adapter<B, M>(model: &mut M, name: &str) -> Result<()>
 where
     B: Backend,
-    P: PeftSlots<B>,
-    M: AdaptableModel<B, P>,
+    M: AdaptableModel<B>,
 {
-    let known = adapter_names::<B, P, M>(model)?;
+    let known = adapter_names::<B, M>(model)?;
     if !known.iter().any(|k| k == name) {
         return Err(unknown_adapter(name, &known));
     }
     let mut merged = false;
     model.visit_linears(&mut |_, l| merged |= l.adapter.merged_adapters().iter().any(|m| m == name));
     if merged {
-        unmerge_adapters::<B, P, M>(model)?;
+        unmerge_adapters::<B, M>(model)?;
     }
-    for_each_slot::<B, P, M>(model, &mut |s| {
+    for_each_slot::<B, M>(model, &mut |s| {
         s.remove(name);
     })
 }
@@ -177,11 +190,10 @@ where
 ///
 /// # Errors
 /// As [`AdaptedLinear::merge`].
-pub fn merge_adapters<B, P, M>(model: &mut M, names: Option<&[&str]>, safe: bool) -> Result<()>
+pub fn merge_adapters<B, M>(model: &mut M, names: Option<&[&str]>, safe: bool) -> Result<()>
 where
     B: Backend,
-    P: PeftSlots<B>,
-    M: AdaptableModel<B, P>,
+    M: AdaptableModel<B>,
 {
     let names: Option<Vec<String>> = names.map(|n| n.iter().map(|s| s.to_string()).collect());
     model.map_linears(&mut |path, l| {
@@ -196,11 +208,10 @@ where
 ///
 /// # Errors
 /// As [`AdaptedLinear::unmerge`].
-pub fn unmerge_adapters<B, P, M>(model: &mut M) -> Result<()>
+pub fn unmerge_adapters<B, M>(model: &mut M) -> Result<()>
 where
     B: Backend,
-    P: PeftSlots<B>,
-    M: AdaptableModel<B, P>,
+    M: AdaptableModel<B>,
 {
     model.map_linears(&mut |_, l| l.unmerge())
 }
