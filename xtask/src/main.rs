@@ -1,1 +1,272 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! - `ci`: what CI checks: formatting, clippy with warnings denied on every target, the
+//!   test suite on ndarray, flex and wgpu (Mesa's software Vulkan where there is no GPU),
+//!   doc tests, and a compile check of the CUDA backend. `--no-wgpu` skips the wgpu tests.
+//! - `bench [FILTER] [--report-only]`: runs the criterion benches and prints each guarded
+//!   ratio (candidate time / baseline time measured in the same run); `--report-only`
+//!   prints the ratios of the last run without running anything.
+//! - `fixtures`: regenerates the reference fixtures with Python's peft and transformers,
+//!   in a virtual environment it creates (`.fixtures-venv`).
+//! - `demo`: the README's main job.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn run(program: &str, args: &[&str]) -> Result<()> {
+    run_env(program, args, &[])
+}
+
+fn run_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    println!("\n$ {program} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("cannot start `{program}`"))?;
+    if !status.success() {
+        bail!("`{program} {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Whether a Vulkan driver is installed (Mesa's lavapipe or a GPU driver).
+fn vulkan_available() -> bool {
+    ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]
+        .iter()
+        .any(|d| {
+            std::fs::read_dir(d)
+                .map(|mut e| e.next().is_some())
+                .unwrap_or(false)
+        })
+}
+
+fn ci(args: &[String]) -> Result<()> {
+    let mut wgpu = !args.iter().any(|a| a == "--no-wgpu");
+    if wgpu && !vulkan_available() {
+        println!(
+            "no Vulkan driver found: wgpu tests are skipped. Install one with \
+             `apt-get install -y mesa-vulkan-drivers` to run them on the CPU."
+        );
+        wgpu = false;
+    }
+    run("cargo", &["fmt", "--all", "--", "--check"])?;
+    run(
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    let mut test = vec!["test", "--workspace", "--all-targets"];
+    if wgpu {
+        test.extend(["--features", "peft-testing/wgpu"]);
+    }
+    run("cargo", &test)?;
+    run("cargo", &["test", "--workspace", "--doc"])?;
+    // The CUDA backend loads the driver at run time: it must build on any machine.
+    run(
+        "cargo",
+        &[
+            "check",
+            "-p",
+            "peft-testing",
+            "-p",
+            "peft-cli",
+            "-p",
+            "peft-benches",
+            "--features",
+            "peft-testing/cuda,peft-cli/cuda,peft-benches/cuda",
+        ],
+    )?;
+    run_env(
+        "cargo",
+        &["doc", "--workspace", "--no-deps"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    )?;
+    println!("\nci: all checks passed");
+    Ok(())
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    if args.iter().any(|a| a == "--report-only") {
+        return report_ratios(&root().join("target/criterion"));
+    }
+    let mut cmd = vec!["bench", "-p", "peft-benches"];
+    let filter: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if !filter.is_empty() {
+        cmd.push("--");
+        cmd.extend(filter);
+    }
+    run("cargo", &cmd)?;
+    report_ratios(&root().join("target/criterion"))
+}
+
+/// Reads criterion's estimates and prints candidate/baseline ratios. A bench group guards
+/// a ratio when it holds a function named `baseline`; every other function in the group is
+/// reported against it.
+fn report_ratios(dir: &Path) -> Result<()> {
+    let Ok(groups) = std::fs::read_dir(dir) else {
+        println!("no criterion results under {}", dir.display());
+        return Ok(());
+    };
+    let mut groups: Vec<PathBuf> = groups
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    groups.sort();
+    println!(
+        "\n{:<44} {:<28} {:>12} {:>12} {:>8}",
+        "group", "function", "time", "baseline", "ratio"
+    );
+    for g in groups {
+        walk_group(&g, &g)?;
+    }
+    Ok(())
+}
+
+fn mean_ns(estimates: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(estimates).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["mean"]["point_estimate"].as_f64()
+}
+
+fn subdirs(dir: &Path, skip: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !skip.contains(&n.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn walk_group(group: &Path, dir: &Path) -> Result<()> {
+    // criterion lays results out as <group>/<function>/<parameter>/new/estimates.json
+    let base = dir.join("baseline");
+    if !base.is_dir() {
+        return Ok(());
+    }
+    let group_name = group
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let mut params = subdirs(&base, &["report", "new", "base", "change"]);
+    if params.is_empty() {
+        params.push(String::new());
+    }
+    let funcs = subdirs(dir, &["baseline", "report"]);
+    for p in &params {
+        let Some(b) = mean_ns(&base.join(p).join("new/estimates.json")) else {
+            continue;
+        };
+        for f in &funcs {
+            let Some(t) = mean_ns(&dir.join(f).join(p).join("new/estimates.json")) else {
+                continue;
+            };
+            let name = if p.is_empty() {
+                group_name.clone()
+            } else {
+                format!("{group_name}/{p}")
+            };
+            println!(
+                "{name:<44} {f:<28} {:>10.1}us {:>10.1}us {:>8.3}",
+                t / 1e3,
+                b / 1e3,
+                t / b
+            );
+        }
+    }
+    Ok(())
+}
+
+fn fixtures() -> Result<()> {
+    let venv = root().join(".fixtures-venv");
+    if !venv.join("bin/python").exists() {
+        run(
+            "python3",
+            &["-m", "venv", venv.to_str().unwrap_or(".fixtures-venv")],
+        )?;
+    }
+    let py = venv.join("bin/python");
+    let py = py.to_str().unwrap_or("python3");
+    run(
+        py,
+        &[
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "-r",
+            "scripts/fixtures/requirements.txt",
+        ],
+    )?;
+    for script in [
+        "scripts/fixtures/peft_core.py",
+        "scripts/fixtures/models.py",
+    ] {
+        run(py, &[script])?;
+    }
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    bail!(
+        "the fine-tuning demo (SmolLM2-135M + LoRA on the bundled extraction task) needs the \
+         models, LoRA and training crates, which are not in this build yet; see README.md"
+    )
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = args
+        .split_first()
+        .map_or(("help", &[][..]), |(c, r)| (c.as_str(), r));
+    let result = match cmd {
+        "ci" => ci(rest),
+        "bench" => bench(rest),
+        "fixtures" => fixtures(),
+        "demo" => demo(),
+        _ => {
+            println!(
+                "usage: cargo xtask <ci [--no-wgpu] | bench [FILTER] [--report-only] | fixtures | demo>"
+            );
+            return if cmd == "help" || cmd == "--help" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            println!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -215,7 +215,11 @@ impl<B: Backend, M> AdapterSet<B, M> {
 /// # Errors
 /// [`PeftError::Adapter`] for an invalid name.
 pub fn validate_adapter_name(name: &str) -> Result<()> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
         return Err(PeftError::Adapter(format!(
             "invalid adapter name {name:?}: use letters, digits, `_` or `-`"
         )));
@@ -231,7 +235,12 @@ impl<B: Backend, M> AdapterControl for AdapterSet<B, M> {
         self.active.clone()
     }
     fn set_active(&mut self, names: &[String]) {
-        self.active = self.names.iter().filter(|n| names.contains(n)).cloned().collect();
+        self.active = self
+            .names
+            .iter()
+            .filter(|n| names.contains(n))
+            .cloned()
+            .collect();
     }
     fn set_disabled(&mut self, disabled: bool) {
         self.disabled = disabled;
@@ -240,7 +249,9 @@ impl<B: Backend, M> AdapterControl for AdapterSet<B, M> {
         self.disabled
     }
     fn remove(&mut self, name: &str) -> bool {
-        let Some(i) = self.index(name) else { return false };
+        let Some(i) = self.index(name) else {
+            return false;
+        };
         self.slots.remove(i);
         self.names.remove(i);
         self.active.retain(|n| n != name);
@@ -275,7 +286,8 @@ impl<B: Backend, M: LinearAdapter<B>> LinearAdapter<B> for AdapterSet<B, M> {
         base: &W,
         output: Tensor<B, D>,
     ) -> Tensor<B, D> {
-        self.applied().fold(output, |y, m| m.adapt_output(input, base, y))
+        self.applied()
+            .fold(output, |y, m| m.adapt_output(input, base, y))
     }
 }
 
@@ -288,7 +300,12 @@ impl<B: Backend, M: LinearAdapter<B>> LinearAdapterControl<B> for AdapterSet<B, 
         safe: bool,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         let wanted: Vec<String> = match names {
-            Some(n) => self.names.iter().filter(|x| n.contains(x)).cloned().collect(),
+            Some(n) => self
+                .names
+                .iter()
+                .filter(|x| n.contains(x))
+                .cloned()
+                .collect(),
             None => self.active.clone(),
         };
         for name in wanted {
@@ -335,22 +352,31 @@ impl<B: Backend, M: SublayerAdapter<B>> SublayerAdapter<B> for AdapterSet<B, M> 
 
 impl<B: Backend, M: EmbeddingAdapter<B>> EmbeddingAdapter<B> for AdapterSet<B, M> {
     fn adapt_lookup(&self, ids: &Tensor<B, 2, Int>, embeddings: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.applied().fold(embeddings, |e, m| m.adapt_lookup(ids, e))
+        self.applied()
+            .fold(embeddings, |e, m| m.adapt_lookup(ids, e))
     }
 
     fn virtual_tokens(&self, batch: usize) -> Option<Tensor<B, 3>> {
-        let parts: Vec<_> = self.applied().filter_map(|m| m.virtual_tokens(batch)).collect();
+        let parts: Vec<_> = self
+            .applied()
+            .filter_map(|m| m.virtual_tokens(batch))
+            .collect();
         (!parts.is_empty()).then(|| Tensor::cat(parts, 1))
     }
 
     fn num_virtual_tokens(&self) -> usize {
-        self.applied().map(EmbeddingAdapter::num_virtual_tokens).sum()
+        self.applied()
+            .map(EmbeddingAdapter::num_virtual_tokens)
+            .sum()
     }
 }
 
 impl<B: Backend, M: KvAdapter<B>> KvAdapter<B> for AdapterSet<B, M> {
     fn prefix(&self, layer: usize, batch: usize) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
-        let (ks, vs): (Vec<_>, Vec<_>) = self.applied().filter_map(|m| m.prefix(layer, batch)).unzip();
+        let (ks, vs): (Vec<_>, Vec<_>) = self
+            .applied()
+            .filter_map(|m| m.prefix(layer, batch))
+            .unzip();
         (!ks.is_empty()).then(|| (Tensor::cat(ks, 2), Tensor::cat(vs, 2)))
     }
 
@@ -434,7 +460,11 @@ pub struct AdaptedLinear<B: Backend, W, A> {
 impl<B: Backend, W: LinearWeight<B>, A: Default> AdaptedLinear<B, W, A> {
     /// A layer with no adapter yet.
     pub fn new(base: W) -> Self {
-        Self { base, adapter: A::default(), backend: PhantomData }
+        Self {
+            base,
+            adapter: A::default(),
+            backend: PhantomData,
+        }
     }
 }
 

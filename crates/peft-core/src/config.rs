@@ -113,7 +113,10 @@ impl<C: MethodConfig> AdapterConfig<C> {
     /// A new config for this method.
     pub fn new(method: C) -> Self {
         Self {
-            common: CommonFields { peft_type: C::PEFT_TYPES[0].to_string(), ..CommonFields::default() },
+            common: CommonFields {
+                peft_type: C::PEFT_TYPES[0].to_string(),
+                ..CommonFields::default()
+            },
             method,
             extra: Map::new(),
         }
@@ -150,27 +153,37 @@ impl<C: MethodConfig> AdapterConfig<C> {
     }
 
     fn parse(text: &str, path: &Path) -> Result<Self> {
-        let invalid = |message: String| PeftError::InvalidConfig { path: path.to_path_buf(), message };
+        let invalid = |message: String| PeftError::InvalidConfig {
+            path: path.to_path_buf(),
+            message,
+        };
         let value: Value = serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let Value::Object(object) = value else {
             return Err(invalid("the file must hold a JSON object".into()));
         };
         let peft_type = match object.get("peft_type") {
             Some(Value::String(s)) => s.clone(),
-            Some(other) => return Err(invalid(format!("`peft_type` must be a string, found {other}"))),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "`peft_type` must be a string, found {other}"
+                )));
+            }
             None => return Err(invalid("the `peft_type` field is missing".into())),
         };
-        if !C::PEFT_TYPES.iter().any(|t| t.eq_ignore_ascii_case(&peft_type)) {
+        if !C::PEFT_TYPES
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(&peft_type))
+        {
             return Err(PeftError::UnsupportedPeftType {
                 found: peft_type,
                 context: format!(" in `{}`", path.display()),
                 supported: C::PEFT_TYPES.join(", "),
             });
         }
-        let common: CommonFields =
-            serde_json::from_value(Value::Object(object.clone())).map_err(|e| invalid(e.to_string()))?;
-        let method: C =
-            serde_json::from_value(Value::Object(object.clone())).map_err(|e| invalid(e.to_string()))?;
+        let common: CommonFields = serde_json::from_value(Value::Object(object.clone()))
+            .map_err(|e| invalid(e.to_string()))?;
+        let method: C = serde_json::from_value(Value::Object(object.clone()))
+            .map_err(|e| invalid(e.to_string()))?;
         method.validate().map_err(invalid)?;
         let mut known = keys_of(&common);
         known.extend(keys_of(&method));
@@ -186,7 +199,9 @@ impl<C: MethodConfig> AdapterConfig<C> {
                      use an adapter without it"
                 )));
             }
-            if !C::PASSIVE_FIELDS.contains(&k.as_str()) && !C::UNSUPPORTED_FIELDS.contains(&k.as_str()) {
+            if !C::PASSIVE_FIELDS.contains(&k.as_str())
+                && !C::UNSUPPORTED_FIELDS.contains(&k.as_str())
+            {
                 unknown.push(k.clone());
             }
             extra.insert(k, v);
@@ -198,13 +213,20 @@ impl<C: MethodConfig> AdapterConfig<C> {
                 unknown.join(", ")
             );
         }
-        Ok(Self { common, method, extra })
+        Ok(Self {
+            common,
+            method,
+            extra,
+        })
     }
 
     /// The config as a JSON object, in peft's field names.
     pub fn to_json_value(&self) -> Value {
         let mut out = Map::new();
-        for part in [serde_json::to_value(&self.common), serde_json::to_value(&self.method)] {
+        for part in [
+            serde_json::to_value(&self.common),
+            serde_json::to_value(&self.method),
+        ] {
             if let Ok(Value::Object(m)) = part {
                 out.extend(m);
             }
@@ -233,7 +255,11 @@ impl<C: MethodConfig> AdapterConfig<C> {
 }
 
 fn config_path(path: &Path) -> PathBuf {
-    if path.is_dir() { path.join(CONFIG_FILE) } else { path.to_path_buf() }
+    if path.is_dir() {
+        path.join(CONFIG_FILE)
+    } else {
+        path.to_path_buf()
+    }
 }
 
 /// Reads only `peft_type` from a config file or adapter directory.
@@ -243,11 +269,17 @@ fn config_path(path: &Path) -> PathBuf {
 pub fn read_peft_type(path: impl AsRef<Path>) -> Result<String> {
     let path = config_path(path.as_ref());
     let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io("read", &path, e))?;
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| PeftError::InvalidConfig { path: path.clone(), message: e.to_string() })?;
-    v.get("peft_type").and_then(Value::as_str).map(str::to_string).ok_or_else(|| {
-        PeftError::InvalidConfig { path, message: "the `peft_type` field is missing".into() }
-    })
+    let v: Value = serde_json::from_str(&text).map_err(|e| PeftError::InvalidConfig {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    v.get("peft_type")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| PeftError::InvalidConfig {
+            path,
+            message: "the `peft_type` field is missing".into(),
+        })
 }
 
 /// `bias` of a LoRA config: which biases train and are saved.
@@ -420,7 +452,10 @@ impl LoraFields {
     /// # Errors
     /// [`PeftError::InvalidPattern`].
     pub fn rank_patterns(&self) -> Result<PatternMap<usize>> {
-        PatternMap::new("rank_pattern", self.rank_pattern.iter().map(|(k, v)| (k.clone(), *v)))
+        PatternMap::new(
+            "rank_pattern",
+            self.rank_pattern.iter().map(|(k, v)| (k.clone(), *v)),
+        )
     }
 
     /// The compiled `alpha_pattern`.
@@ -428,12 +463,19 @@ impl LoraFields {
     /// # Errors
     /// [`PeftError::InvalidPattern`].
     pub fn alpha_patterns(&self) -> Result<PatternMap<f64>> {
-        PatternMap::new("alpha_pattern", self.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v)))
+        PatternMap::new(
+            "alpha_pattern",
+            self.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v)),
+        )
     }
 
     /// The scaling factor for a rank and alpha: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
-        if self.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 }
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
     }
 
     /// Rank and alpha of the module at `path`, after `rank_pattern` / `alpha_pattern`.
@@ -477,7 +519,10 @@ impl MethodConfig for LoraFields {
             return Err("`r` must be a positive integer".into());
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return Err(format!("`lora_dropout` must be in [0, 1), found {}", self.lora_dropout));
+            return Err(format!(
+                "`lora_dropout` must be in [0, 1), found {}",
+                self.lora_dropout
+            ));
         }
         if let Some((k, _)) = self.rank_pattern.iter().find(|(_, v)| **v == 0) {
             return Err(format!("`rank_pattern` gives rank 0 to `{k}`"));
@@ -653,7 +698,8 @@ pub enum AnyAdapterConfig {
 
 impl AnyAdapterConfig {
     /// The `peft_type` values this build reads.
-    pub const SUPPORTED: &'static [&'static str] = &["LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"];
+    pub const SUPPORTED: &'static [&'static str] =
+        &["LORA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"];
 
     /// Reads `adapter_config.json` (a file or an adapter directory) of any supported type.
     ///

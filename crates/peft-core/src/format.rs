@@ -71,7 +71,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&dir).map_err(|e| PeftError::io("create directory", &dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -121,10 +124,15 @@ impl TensorFile {
     /// # Errors
     /// As [`TensorFile::read`].
     pub fn from_bytes(bytes: &[u8], path: PathBuf) -> Result<Self> {
-        let invalid = |message: String| PeftError::InvalidSafetensors { path: path.clone(), message };
-        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| invalid(e.to_string()))?;
+        let invalid = |message: String| PeftError::InvalidSafetensors {
+            path: path.clone(),
+            message,
+        };
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| invalid(e.to_string()))?;
         let metadata = meta.metadata().clone().unwrap_or_default();
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;
+        let st =
+            safetensors::SafeTensors::deserialize(bytes).map_err(|e| invalid(e.to_string()))?;
         let mut tensors = BTreeMap::new();
         for (key, view) in st.tensors() {
             let dtype = to_burn_dtype(view.dtype()).ok_or_else(|| PeftError::UnsupportedDtype {
@@ -132,11 +140,20 @@ impl TensorFile {
                 dtype: format!("{:?}", view.dtype()),
                 path: path.clone(),
             })?;
-            let data = TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype);
-            let data = if dtype == DType::F32 { data } else { data.convert::<f32>() };
+            let data =
+                TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype);
+            let data = if dtype == DType::F32 {
+                data
+            } else {
+                data.convert::<f32>()
+            };
             tensors.insert(key, data);
         }
-        Ok(Self { path, tensors, metadata })
+        Ok(Self {
+            path,
+            tensors,
+            metadata,
+        })
     }
 
     /// The file's path.
@@ -179,8 +196,15 @@ impl TensorFile {
     ///
     /// # Errors
     /// [`PeftError::ShapeMismatch`].
-    pub fn take_optional(&mut self, key: &str, expected: &[usize], hint: &str) -> Result<Option<TensorData>> {
-        let Some(t) = self.tensors.remove(key) else { return Ok(None) };
+    pub fn take_optional(
+        &mut self,
+        key: &str,
+        expected: &[usize],
+        hint: &str,
+    ) -> Result<Option<TensorData>> {
+        let Some(t) = self.tensors.remove(key) else {
+            return Ok(None);
+        };
         if t.shape.as_slice() != expected {
             let found = t.shape.to_vec();
             let hint = if hint.is_empty() {
@@ -213,7 +237,10 @@ impl TensorFile {
             return Ok(());
         }
         let keys: Vec<&String> = self.tensors.keys().collect();
-        Err(PeftError::UnexpectedTensors { keys: abbreviate(&keys, 10), path: self.path })
+        Err(PeftError::UnexpectedTensors {
+            keys: abbreviate(&keys, 10),
+            path: self.path,
+        })
     }
 
     /// Writes tensors as F32 (converting other float dtypes) with peft's metadata
@@ -232,7 +259,11 @@ impl TensorFile {
                     message: format!("duplicate tensor key `{key}`"),
                 });
             }
-            let data = if data.dtype == DType::F32 { data } else { data.convert::<f32>() };
+            let data = if data.dtype == DType::F32 {
+                data
+            } else {
+                data.convert::<f32>()
+            };
             owned.push((key, data));
         }
         let views = owned
@@ -248,7 +279,10 @@ impl TensorFile {
             .collect::<Result<Vec<_>>>()?;
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
         let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| {
-            PeftError::InvalidSafetensors { path: path.to_path_buf(), message: e.to_string() }
+            PeftError::InvalidSafetensors {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
         })?;
         write_atomic(path, &bytes)
     }

@@ -78,7 +78,9 @@ pub trait LinearAdapter<B: Backend>: Module<B> + ModuleDisplay {
         bias: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         let _ = (weight, bias);
-        Err(PeftError::Unsupported("this adapter cannot be merged into the weight".into()))
+        Err(PeftError::Unsupported(
+            "this adapter cannot be merged into the weight".into(),
+        ))
     }
 
     /// The inverse of [`merge`](Self::merge).
@@ -91,7 +93,9 @@ pub trait LinearAdapter<B: Backend>: Module<B> + ModuleDisplay {
         bias: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         let _ = (weight, bias);
-        Err(PeftError::Unsupported("this adapter cannot be unmerged from the weight".into()))
+        Err(PeftError::Unsupported(
+            "this adapter cannot be unmerged from the weight".into(),
+        ))
     }
 }
 
@@ -274,7 +278,8 @@ impl<B: Backend, A: SublayerAdapter<B>, C: SublayerAdapter<B>> SublayerAdapter<B
 
 impl<B: Backend, A: EmbeddingAdapter<B>, C: EmbeddingAdapter<B>> EmbeddingAdapter<B> for (A, C) {
     fn adapt_lookup(&self, ids: &Tensor<B, 2, Int>, embeddings: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.1.adapt_lookup(ids, self.0.adapt_lookup(ids, embeddings))
+        self.1
+            .adapt_lookup(ids, self.0.adapt_lookup(ids, embeddings))
     }
 
     fn virtual_tokens(&self, batch: usize) -> Option<Tensor<B, 3>> {

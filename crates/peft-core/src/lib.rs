@@ -62,7 +62,7 @@
 //!   `rank_pattern` / `alpha_pattern` with peft's semantics.
 //! - [`trainable`]: freezing everything but the adapter, and the trainable-parameter report.
 //! - [`config`]: `adapter_config.json` for every peft type this project knows.
-//! - [`format`]: `adapter_model.safetensors` with peft's key names, validated on load.
+//! - [`format`](mod@format): `adapter_model.safetensors` with peft's key names, validated on load.
 //! - [`error`]: the crate's error type.
 
 pub mod adapters;
@@ -75,3 +75,8 @@ pub mod target;
 pub mod trainable;
 
 pub use error::{PeftError, Result};
+
+/// The Rust examples of README.md, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

@@ -52,6 +52,7 @@ pub trait AdaptableModel<B: Backend> {
     ///
     /// # Errors
     /// Whatever `f` returns.
+    #[allow(clippy::type_complexity)] // a plain callback; an alias would pin its lifetime
     fn map_linears(
         &mut self,
         f: &mut dyn FnMut(&str, &mut ModelLinear<B, Self>) -> Result<()>,
@@ -61,7 +62,10 @@ pub trait AdaptableModel<B: Backend> {
     ///
     /// # Errors
     /// Whatever `f` returns.
-    fn map_sublayers(&mut self, f: &mut dyn FnMut(&str, &mut Self::Sublayer) -> Result<()>) -> Result<()> {
+    fn map_sublayers(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Self::Sublayer) -> Result<()>,
+    ) -> Result<()> {
         let _ = f;
         Ok(())
     }
@@ -70,7 +74,10 @@ pub trait AdaptableModel<B: Backend> {
     ///
     /// # Errors
     /// Whatever `f` returns.
-    fn map_embedding(&mut self, f: &mut dyn FnMut(&str, &mut Self::Embedding) -> Result<()>) -> Result<()> {
+    fn map_embedding(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Self::Embedding) -> Result<()>,
+    ) -> Result<()> {
         let _ = f;
         Ok(())
     }
@@ -175,7 +182,8 @@ where
         return Err(unknown_adapter(name, &known));
     }
     let mut merged = false;
-    model.visit_linears(&mut |_, l| merged |= l.adapter.merged_adapters().iter().any(|m| m == name));
+    model
+        .visit_linears(&mut |_, l| merged |= l.adapter.merged_adapters().iter().any(|m| m == name));
     if merged {
         unmerge_adapters::<B, M>(model)?;
     }
@@ -219,6 +227,10 @@ where
 fn unknown_adapter(name: &str, known: &[String]) -> PeftError {
     PeftError::Adapter(format!(
         "no adapter named `{name}` in this model; it has: {}",
-        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
     ))
 }

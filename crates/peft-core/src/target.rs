@@ -152,7 +152,10 @@ pub struct ModuleInfo {
 impl ModuleInfo {
     /// A new entry.
     pub fn new(path: impl Into<String>, kind: ModuleKind) -> Self {
-        Self { path: path.into(), kind }
+        Self {
+            path: path.into(),
+            kind,
+        }
     }
 }
 
@@ -213,7 +216,9 @@ fn full_match_regex(field: &'static str, p: &str) -> Result<Regex> {
 fn matches_name_or_suffix(key: &str, names: &[String]) -> bool {
     names.iter().any(|n| {
         key == n
-            || (key.len() > n.len() && key.ends_with(n.as_str()) && key.as_bytes()[key.len() - n.len() - 1] == b'.')
+            || (key.len() > n.len()
+                && key.ends_with(n.as_str())
+                && key.as_bytes()[key.len() - n.len() - 1] == b'.')
     })
 }
 
@@ -246,16 +251,32 @@ impl TargetSpec {
             Some(Targets::List(l)) => l.clone(),
         }
         .iter()
-        .map(|p| compile("layers_pattern", p, format!(r"^(?:^|.*?\.){p}\.(?P<idx>\d+)\.")))
+        .map(|p| {
+            compile(
+                "layers_pattern",
+                p,
+                format!(r"^(?:^|.*?\.){p}\.(?P<idx>\d+)\."),
+            )
+        })
         .collect::<Result<Vec<_>>>()?;
-        Ok(TargetMatcher { spec: self.clone(), target_regex, exclude_regex, save_regexes, layer_regexes })
+        Ok(TargetMatcher {
+            spec: self.clone(),
+            target_regex,
+            exclude_regex,
+            save_regexes,
+            layer_regexes,
+        })
     }
 
     /// Resolves `all-linear` against a model's modules: the target list becomes the full
     /// paths of every linear layer that is not the output head (as peft does).
     pub fn resolve_all_linear(&self, modules: &[ModuleInfo]) -> TargetSpec {
         let mut spec = self.clone();
-        if spec.target_modules.as_ref().is_some_and(Targets::is_all_linear) {
+        if spec
+            .target_modules
+            .as_ref()
+            .is_some_and(Targets::is_all_linear)
+        {
             let mut names: Vec<String> = modules
                 .iter()
                 .filter(|m| m.kind == ModuleKind::Linear)
@@ -281,33 +302,45 @@ impl TargetMatcher {
     /// [`TargetSpec::resolve_all_linear`] (done by [`TargetMatcher::select`]). Unresolved, it
     /// matches nothing.
     pub fn check(&self, key: &str) -> MatchResult {
-        match &self.spec.exclude_modules {
+        let excluded = match &self.spec.exclude_modules {
             Some(Targets::Pattern(_)) => {
-                if self.exclude_regex.as_ref().is_some_and(|r| r.is_match(key)) {
-                    return MatchResult::Excluded;
-                }
+                self.exclude_regex.as_ref().is_some_and(|r| r.is_match(key))
             }
-            Some(Targets::List(l)) if matches_name_or_suffix(key, l) => return MatchResult::Excluded,
-            _ => {}
+            Some(Targets::List(l)) => matches_name_or_suffix(key, l),
+            None => false,
+        };
+        if excluded {
+            return MatchResult::Excluded;
         }
         if self.save_regexes.iter().any(|r| r.is_match(key)) {
             return MatchResult::Excluded;
         }
         let found = match &self.spec.target_modules {
             None => false,
-            Some(Targets::Pattern(_)) => self.target_regex.as_ref().is_some_and(|r| r.is_match(key)),
+            Some(Targets::Pattern(_)) => {
+                self.target_regex.as_ref().is_some_and(|r| r.is_match(key))
+            }
             Some(Targets::List(l)) if l.iter().any(|n| n == key) => true,
             Some(Targets::List(l)) => {
-                let mut found = matches_name_or_suffix(key, l);
-                if let Some(indices) = self.spec.layers_to_transform.as_ref().filter(|i| i.is_active()) {
-                    if found {
-                        found = self.layer_index(key).is_some_and(|i| indices.contains(i));
+                let found = matches_name_or_suffix(key, l);
+                match self
+                    .spec
+                    .layers_to_transform
+                    .as_ref()
+                    .filter(|i| i.is_active())
+                {
+                    Some(indices) if found => {
+                        self.layer_index(key).is_some_and(|i| indices.contains(i))
                     }
+                    _ => found,
                 }
-                found
             }
         };
-        if found { MatchResult::Target } else { MatchResult::NotTargeted }
+        if found {
+            MatchResult::Target
+        } else {
+            MatchResult::NotTargeted
+        }
     }
 
     /// True when `key` is a target.
@@ -337,7 +370,12 @@ impl TargetMatcher {
     /// [`PeftError::NoTargetMatched`] when nothing matched, listing the paths that exist.
     pub fn select(&self, modules: &[ModuleInfo]) -> Result<Vec<String>> {
         let resolved;
-        let matcher = if self.spec.target_modules.as_ref().is_some_and(Targets::is_all_linear) {
+        let matcher = if self
+            .spec
+            .target_modules
+            .as_ref()
+            .is_some_and(Targets::is_all_linear)
+        {
             resolved = self.spec.resolve_all_linear(modules).compile()?;
             &resolved
         } else {
@@ -384,7 +422,12 @@ impl TargetMatcher {
 
 /// Joins names with ", ", keeping the first `max` and counting the rest.
 pub fn abbreviate<S: AsRef<str>>(names: &[S], max: usize) -> String {
-    let mut s = names.iter().take(max).map(AsRef::as_ref).collect::<Vec<_>>().join(", ");
+    let mut s = names
+        .iter()
+        .take(max)
+        .map(AsRef::as_ref)
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > max {
         s.push_str(&format!(", ... ({} more)", names.len() - max));
     }
@@ -421,7 +464,10 @@ impl<V: Clone> PatternMap<V> {
 
     /// The value for a module path, or `None` when no key matches.
     pub fn get(&self, path: &str) -> Option<V> {
-        self.entries.iter().find(|(_, re, _)| re.is_match(path)).map(|(_, _, v)| v.clone())
+        self.entries
+            .iter()
+            .find(|(_, re, _)| re.is_match(path))
+            .map(|(_, _, v)| v.clone())
     }
 
     /// Keys that match none of the given paths (peft warns about these).

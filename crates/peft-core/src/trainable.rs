@@ -83,7 +83,9 @@ impl TrainablePolicy for ModulesToSave {
         let segments: Vec<&str> = path.split('.').collect();
         (1..segments.len()).any(|end| {
             let module = segments[..end].join(".");
-            self.0.iter().any(|m| module == *m || module.ends_with(&format!(".{m}")))
+            self.0
+                .iter()
+                .any(|m| module == *m || module.ends_with(&format!(".{m}")))
         })
     }
 }
@@ -126,7 +128,10 @@ impl<B: Backend, P: TrainablePolicy> ModuleMapper<B> for Freezer<'_, P> {
 
 /// Sets every float parameter's `require_grad` from `policy` and returns the module.
 pub fn freeze<B: Backend, M: Module<B>, P: TrainablePolicy>(module: M, policy: &P) -> M {
-    module.map(&mut Freezer { path: vec![], policy })
+    module.map(&mut Freezer {
+        path: vec![],
+        policy,
+    })
 }
 
 /// Trainable and total parameter counts, as peft's `print_trainable_parameters` shows.
@@ -141,7 +146,11 @@ pub struct TrainableReport {
 impl TrainableReport {
     /// Trainable share in percent.
     pub fn percent(&self) -> f64 {
-        if self.total == 0 { 0.0 } else { 100.0 * self.trainable as f64 / self.total as f64 }
+        if self.total == 0 {
+            0.0
+        } else {
+            100.0 * self.trainable as f64 / self.total as f64
+        }
     }
 }
 
@@ -161,7 +170,7 @@ fn group_thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -197,14 +206,22 @@ impl<B: Backend> ModuleVisitor<B> for Counter {
 /// Counts trainable and total float parameters of a module. On a backend without
 /// autodiff nothing requires a gradient, so `trainable` is 0 there.
 pub fn trainable_report<B: Backend, M: Module<B>>(module: &M) -> TrainableReport {
-    let mut c = Counter { report: TrainableReport::default(), path: vec![], trainable_paths: vec![] };
+    let mut c = Counter {
+        report: TrainableReport::default(),
+        path: vec![],
+        trainable_paths: vec![],
+    };
     module.visit(&mut c);
     c.report
 }
 
 /// The module paths of the parameters that train.
 pub fn trainable_paths<B: Backend, M: Module<B>>(module: &M) -> Vec<String> {
-    let mut c = Counter { report: TrainableReport::default(), path: vec![], trainable_paths: vec![] };
+    let mut c = Counter {
+        report: TrainableReport::default(),
+        path: vec![],
+        trainable_paths: vec![],
+    };
     module.visit(&mut c);
     c.trainable_paths
 }

@@ -2,6 +2,8 @@
 //! (`fixtures/lora_llama`, `fixtures/ia3_llama`, made by `scripts/fixtures/peft_core.py`),
 //! the errors for bad files, and save-then-load round trips as property tests.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::path::PathBuf;
 
 use burn::tensor::TensorData;
@@ -15,7 +17,9 @@ use proptest::prelude::*;
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 #[test]
@@ -28,13 +32,28 @@ fn reads_a_lora_config_written_by_peft() {
     assert_eq!(m.r, 4);
     assert_eq!(m.lora_alpha, 8.0);
     assert_eq!(m.bias, LoraBias::None);
-    assert_eq!(m.target_modules, Some(Targets::list(["down_proj", "q_proj", "v_proj"])));
+    assert_eq!(
+        m.target_modules,
+        Some(Targets::list(["down_proj", "q_proj", "v_proj"]))
+    );
     // rank_pattern / alpha_pattern resolve per module as peft does.
-    assert_eq!(m.rank_and_alpha("model.layers.1.mlp.down_proj").unwrap(), (2, 8.0));
-    assert_eq!(m.rank_and_alpha("model.layers.0.self_attn.v_proj").unwrap(), (4, 16.0));
-    assert_eq!(m.rank_and_alpha("model.layers.1.self_attn.v_proj").unwrap(), (4, 8.0));
+    assert_eq!(
+        m.rank_and_alpha("model.layers.1.mlp.down_proj").unwrap(),
+        (2, 8.0)
+    );
+    assert_eq!(
+        m.rank_and_alpha("model.layers.0.self_attn.v_proj").unwrap(),
+        (4, 16.0)
+    );
+    assert_eq!(
+        m.rank_and_alpha("model.layers.1.self_attn.v_proj").unwrap(),
+        (4, 8.0)
+    );
     // peft's fields that this build does not act on are kept, not reported as unknown.
-    assert_eq!(cfg.extra.get("megatron_core"), Some(&Value::String("megatron.core".into())));
+    assert_eq!(
+        cfg.extra.get("megatron_core"),
+        Some(&Value::String("megatron.core".into()))
+    );
 }
 
 #[test]
@@ -44,16 +63,20 @@ fn a_config_written_back_equals_peft_original() {
     let cfg = AdapterConfig::<LoraFields>::load(&path).unwrap();
     let dir = tempfile::tempdir().unwrap();
     cfg.save(dir.path()).unwrap();
-    let written: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    let written: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(written, original);
     assert_eq!(AdapterConfig::<LoraFields>::load(dir.path()).unwrap(), cfg);
 }
 
 #[test]
 fn reads_lora_tensors_written_by_peft_with_their_shapes() {
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("lora_llama/expected.json")).unwrap()).unwrap();
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("lora_llama/expected.json")).unwrap(),
+    )
+    .unwrap();
     let shapes = expected["shapes"].as_object().unwrap();
     let cfg = AdapterConfig::<LoraFields>::load(fixture("lora_llama")).unwrap();
     let mut file = TensorFile::read(fixture("lora_llama").join(WEIGHTS_FILE)).unwrap();
@@ -63,16 +86,35 @@ fn reads_lora_tensors_written_by_peft_with_their_shapes() {
     let intermediate = 32;
     for layer in 0..3 {
         for (module, in_f, out_f) in [
-            (format!("model.layers.{layer}.self_attn.q_proj"), hidden, hidden),
-            (format!("model.layers.{layer}.self_attn.v_proj"), hidden, hidden / 2),
-            (format!("model.layers.{layer}.mlp.down_proj"), intermediate, hidden),
+            (
+                format!("model.layers.{layer}.self_attn.q_proj"),
+                hidden,
+                hidden,
+            ),
+            (
+                format!("model.layers.{layer}.self_attn.v_proj"),
+                hidden,
+                hidden / 2,
+            ),
+            (
+                format!("model.layers.{layer}.mlp.down_proj"),
+                intermediate,
+                hidden,
+            ),
         ] {
             let (r, _) = cfg.method.rank_and_alpha(&module).unwrap();
-            let a = file.take(&peft_key(&module, "lora_A.weight"), &[r, in_f], "").unwrap();
-            let b = file.take(&peft_key(&module, "lora_B.weight"), &[out_f, r], "").unwrap();
+            let a = file
+                .take(&peft_key(&module, "lora_A.weight"), &[r, in_f], "")
+                .unwrap();
+            let b = file
+                .take(&peft_key(&module, "lora_B.weight"), &[out_f, r], "")
+                .unwrap();
             assert_eq!(a.shape.to_vec(), vec![r, in_f]);
             let b = b.to_vec::<f32>().unwrap();
-            assert!(b.iter().any(|v| *v != 0.0), "lora_B of {module} is all zeros");
+            assert!(
+                b.iter().any(|v| *v != 0.0),
+                "lora_B of {module} is all zeros"
+            );
         }
     }
     file.finish().unwrap();
@@ -84,22 +126,41 @@ fn reads_an_ia3_adapter_written_by_peft() {
         AnyAdapterConfig::Ia3(c) => c,
         other => panic!("expected IA3, got {other:?}"),
     };
-    assert_eq!(cfg.method.feedforward_modules, Some(Targets::list(["down_proj"])));
+    assert_eq!(
+        cfg.method.feedforward_modules,
+        Some(Targets::list(["down_proj"]))
+    );
     let mut file = TensorFile::read(fixture("ia3_llama").join(WEIGHTS_FILE)).unwrap();
     // peft: feed-forward layers scale the input ([1, in]), others the output ([out, 1]).
-    let l = file.take(&peft_key("model.layers.0.mlp.down_proj", "ia3_l"), &[1, 32], "").unwrap();
+    let l = file
+        .take(
+            &peft_key("model.layers.0.mlp.down_proj", "ia3_l"),
+            &[1, 32],
+            "",
+        )
+        .unwrap();
     assert!(l.to_vec::<f32>().unwrap().iter().all(|v| *v == 1.0));
-    file.take(&peft_key("model.layers.0.self_attn.k_proj", "ia3_l"), &[8, 1], "").unwrap();
+    file.take(
+        &peft_key("model.layers.0.self_attn.k_proj", "ia3_l"),
+        &[8, 1],
+        "",
+    )
+    .unwrap();
 }
 
 #[test]
 fn wrong_shape_names_the_key_and_both_shapes() {
     let mut file = TensorFile::read(fixture("lora_llama").join(WEIGHTS_FILE)).unwrap();
     let key = peft_key("model.layers.0.self_attn.q_proj", "lora_A.weight");
-    let err = file.take(&key, &[4, 576], "with hidden size 576").unwrap_err();
+    let err = file
+        .take(&key, &[4, 576], "with hidden size 576")
+        .unwrap_err();
     assert!(matches!(err, PeftError::ShapeMismatch { .. }));
     let msg = err.to_string();
-    assert!(msg.contains(&key) && msg.contains("[4, 16]") && msg.contains("[4, 576]"), "{msg}");
+    assert!(
+        msg.contains(&key) && msg.contains("[4, 16]") && msg.contains("[4, 576]"),
+        "{msg}"
+    );
     assert!(msg.contains("hidden size 576"), "{msg}");
 }
 
@@ -110,26 +171,42 @@ fn missing_and_unexpected_tensors_are_errors_that_name_the_key() {
     let msg = file.take(&key, &[4, 16], "").unwrap_err().to_string();
     assert!(msg.contains(&key) && msg.contains("missing"), "{msg}");
     let msg = file.finish().unwrap_err().to_string();
-    assert!(msg.contains("q_proj.lora_A.weight") && msg.contains("unexpected"), "{msg}");
+    assert!(
+        msg.contains("q_proj.lora_A.weight") && msg.contains("unexpected"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn bad_configs_are_clear_errors() {
-    let err = AdapterConfig::<LoraFields>::from_json_str(r#"{"peft_type": "LOHA", "r": 8}"#).unwrap_err();
+    let err =
+        AdapterConfig::<LoraFields>::from_json_str(r#"{"peft_type": "LOHA", "r": 8}"#).unwrap_err();
     assert!(matches!(err, PeftError::UnsupportedPeftType { .. }));
-    assert!(err.to_string().contains("LOHA") && err.to_string().contains("LORA"), "{err}");
+    assert!(
+        err.to_string().contains("LOHA") && err.to_string().contains("LORA"),
+        "{err}"
+    );
 
     let err = AdapterConfig::<LoraFields>::from_json_str(r#"{"r": 8}"#).unwrap_err();
-    assert!(err.to_string().contains("`peft_type` field is missing"), "{err}");
+    assert!(
+        err.to_string().contains("`peft_type` field is missing"),
+        "{err}"
+    );
 
-    let err = AdapterConfig::<LoraFields>::from_json_str(r#"{"peft_type": "LORA", "r": "eight"}"#).unwrap_err();
+    let err = AdapterConfig::<LoraFields>::from_json_str(r#"{"peft_type": "LORA", "r": "eight"}"#)
+        .unwrap_err();
     assert!(matches!(err, PeftError::InvalidConfig { .. }), "{err}");
 
-    let err = AdapterConfig::<LoraFields>::from_json_str(r#"{"peft_type": "LORA", "r": 0}"#).unwrap_err();
-    assert!(err.to_string().contains("`r` must be a positive integer"), "{err}");
+    let err =
+        AdapterConfig::<LoraFields>::from_json_str(r#"{"peft_type": "LORA", "r": 0}"#).unwrap_err();
+    assert!(
+        err.to_string().contains("`r` must be a positive integer"),
+        "{err}"
+    );
 
-    let err = AdapterConfig::<LoraFields>::from_json_str(r#"{"peft_type": "LORA", "use_qalora": true}"#)
-        .unwrap_err();
+    let err =
+        AdapterConfig::<LoraFields>::from_json_str(r#"{"peft_type": "LORA", "use_qalora": true}"#)
+            .unwrap_err();
     assert!(err.to_string().contains("use_qalora"), "{err}");
 
     let err = AdapterConfig::<LoraFields>::from_json_str("[1, 2]").unwrap_err();
@@ -137,18 +214,29 @@ fn bad_configs_are_clear_errors() {
 
     // The dispatcher lists every supported type.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("adapter_config.json"), r#"{"peft_type": "VERA"}"#).unwrap();
+    std::fs::write(
+        dir.path().join("adapter_config.json"),
+        r#"{"peft_type": "VERA"}"#,
+    )
+    .unwrap();
     let msg = AnyAdapterConfig::load(dir.path()).unwrap_err().to_string();
-    assert!(msg.contains("VERA") && msg.contains("PREFIX_TUNING"), "{msg}");
+    assert!(
+        msg.contains("VERA") && msg.contains("PREFIX_TUNING"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unknown_fields_are_kept_and_written_back() {
-    let json = r#"{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8, "my_tool_field": {"a": 1}}"#;
+    let json =
+        r#"{"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8, "my_tool_field": {"a": 1}}"#;
     let cfg = AdapterConfig::<PromptTuningFields>::from_json_str(json).unwrap();
     assert_eq!(cfg.method.prompt.num_virtual_tokens, Some(8));
     assert_eq!(cfg.extra["my_tool_field"], serde_json::json!({"a": 1}));
-    assert_eq!(cfg.to_json_value()["my_tool_field"], serde_json::json!({"a": 1}));
+    assert_eq!(
+        cfg.to_json_value()["my_tool_field"],
+        serde_json::json!({"a": 1})
+    );
 }
 
 #[test]
@@ -156,20 +244,33 @@ fn a_truncated_safetensors_file_is_an_error_not_a_panic() {
     let bytes = std::fs::read(fixture("lora_llama").join(WEIGHTS_FILE)).unwrap();
     for cut in [0, 4, 8, 100, bytes.len() / 2, bytes.len() - 1] {
         let err = TensorFile::from_bytes(&bytes[..cut], "x.safetensors".into()).unwrap_err();
-        assert!(matches!(err, PeftError::InvalidSafetensors { .. }), "cut {cut}: {err}");
+        assert!(
+            matches!(err, PeftError::InvalidSafetensors { .. }),
+            "cut {cut}: {err}"
+        );
     }
 }
 
 #[test]
 fn split_key_recovers_module_path_and_tensor_name() {
     let key = peft_key("model.layers.3.self_attn.q_proj", "lora_A.weight");
-    assert_eq!(split_key(&key, &["lora_A", "lora_B"]), Some(("model.layers.3.self_attn.q_proj", "lora_A.weight")));
-    assert_eq!(split_key("base_model.model.x.ia3_l", &["ia3_l"]), Some(("x", "ia3_l")));
+    assert_eq!(
+        split_key(&key, &["lora_A", "lora_B"]),
+        Some(("model.layers.3.self_attn.q_proj", "lora_A.weight"))
+    );
+    assert_eq!(
+        split_key("base_model.model.x.ia3_l", &["ia3_l"]),
+        Some(("x", "ia3_l"))
+    );
     assert_eq!(split_key("prompt_embeddings", &["prompt_embeddings"]), None);
 }
 
 fn key_strategy() -> impl Strategy<Value = String> {
-    ("[a-z_]{1,8}", 0usize..30, prop::sample::select(vec!["lora_A.weight", "lora_B.weight", "ia3_l"]))
+    (
+        "[a-z_]{1,8}",
+        0usize..30,
+        prop::sample::select(vec!["lora_A.weight", "lora_B.weight", "ia3_l"]),
+    )
         .prop_map(|(m, i, t)| peft_key(&format!("model.layers.{i}.{m}"), t))
 }
 
@@ -229,4 +330,29 @@ fn ia3_defaults_follow_peft() {
     let cfg = AdapterConfig::<Ia3Fields>::from_json_str(r#"{"peft_type": "IA3"}"#).unwrap();
     assert!(cfg.method.init_ia3_weights);
     assert_eq!(cfg.method.target_modules, None);
+}
+
+#[test]
+fn a_new_lora_config_writes_only_fields_peft_knows() {
+    // peft rejects or drops fields it does not know; every key of a config made here must
+    // be one that peft itself wrote into its LoRA config.
+    let peft: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("lora_llama/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let ours = AdapterConfig::new(LoraFields {
+        r: 16,
+        lora_alpha: 32.0,
+        ..LoraFields::default()
+    })
+    .with_task_type("CAUSAL_LM")
+    .to_json_value();
+    for key in ours.as_object().unwrap().keys() {
+        assert!(
+            peft.get(key).is_some(),
+            "`{key}` is not a field of peft's LoraConfig"
+        );
+    }
+    assert_eq!(ours["peft_type"], "LORA");
+    assert_eq!(ours["lora_alpha"], 32);
 }

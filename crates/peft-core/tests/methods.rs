@@ -7,6 +7,8 @@
 //! disabled equals base (bit for bit), merged equals unmerged, unmerge restores the weights,
 //! save-then-load equals before, and only adapter parameters get gradients and optimizer state.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
@@ -57,11 +59,19 @@ impl<B: Backend> LinearAdapter<B> for LowRank<B> {
         output + input.clone().matmul(a).matmul(b) * self.scale
     }
 
-    fn merge(&self, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+    fn merge(
+        &self,
+        w: Tensor<B, 2>,
+        b: Option<Tensor<B, 1>>,
+    ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         Ok((w + self.delta(), b))
     }
 
-    fn unmerge(&self, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+    fn unmerge(
+        &self,
+        w: Tensor<B, 2>,
+        b: Option<Tensor<B, 1>>,
+    ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         Ok((w - self.delta(), b))
     }
 }
@@ -83,12 +93,20 @@ impl<B: Backend> LinearAdapter<B> for Scale<B> {
         output * self.l.val().unsqueeze::<D>()
     }
 
-    fn merge(&self, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+    fn merge(
+        &self,
+        w: Tensor<B, 2>,
+        b: Option<Tensor<B, 1>>,
+    ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         let l = self.l.val();
         Ok((w * l.clone().unsqueeze_dim(1), b.map(|b| b * l)))
     }
 
-    fn unmerge(&self, w: Tensor<B, 2>, b: Option<Tensor<B, 1>>) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
+    fn unmerge(
+        &self,
+        w: Tensor<B, 2>,
+        b: Option<Tensor<B, 1>>,
+    ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
         let l = self.l.val();
         Ok((w / l.clone().unsqueeze_dim(1), b.map(|b| b / l)))
     }
@@ -157,7 +175,10 @@ fn new_net<B: Backend>(layers: usize, device: &B::Device) -> Net<B> {
             backend: core::marker::PhantomData,
         })
         .collect();
-    TinyNet { layers, lm_head: LinearConfig::new(D, 3).with_bias(false).init(device) }
+    TinyNet {
+        layers,
+        lm_head: LinearConfig::new(D, 3).with_bias(false).init(device),
+    }
 }
 
 impl<B, W, A, S> TinyNet<B, AdaptedLinear<B, W, A>, S>
@@ -170,7 +191,9 @@ where
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let mut h = x;
         for block in &self.layers {
-            let out = block.down.forward(burn::tensor::activation::gelu(block.up.forward(h.clone())));
+            let out = block
+                .down
+                .forward(burn::tensor::activation::gelu(block.up.forward(h.clone())));
             let out = block.mlp_adapter.forward(&h, out);
             h = h + out;
         }
@@ -195,8 +218,14 @@ where
         let mut v = Vec::new();
         for i in 0..self.layers.len() {
             v.push(ModuleInfo::new(format!("layers.{i}"), ModuleKind::Other));
-            v.push(ModuleInfo::new(format!("layers.{i}.up"), ModuleKind::Linear));
-            v.push(ModuleInfo::new(format!("layers.{i}.down"), ModuleKind::Linear));
+            v.push(ModuleInfo::new(
+                format!("layers.{i}.up"),
+                ModuleKind::Linear,
+            ));
+            v.push(ModuleInfo::new(
+                format!("layers.{i}.down"),
+                ModuleKind::Linear,
+            ));
         }
         v.push(ModuleInfo::new("lm_head", ModuleKind::OutputHead));
         v
@@ -209,7 +238,10 @@ where
         }
     }
 
-    fn map_linears(&mut self, f: &mut dyn FnMut(&str, &mut AdaptedLinear<B, W, A>) -> Result<()>) -> Result<()> {
+    fn map_linears(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut AdaptedLinear<B, W, A>) -> Result<()>,
+    ) -> Result<()> {
         for (i, b) in self.layers.iter_mut().enumerate() {
             f(&format!("layers.{i}.up"), &mut b.up)?;
             f(&format!("layers.{i}.down"), &mut b.down)?;
@@ -233,12 +265,17 @@ fn add_low_rank<B: Backend>(
     r: usize,
     device: &B::Device,
 ) -> Result<Vec<String>> {
-    let spec = TargetSpec { target_modules: Some(targets), ..Default::default() };
+    let spec = TargetSpec {
+        target_modules: Some(targets),
+        ..Default::default()
+    };
     let selected = spec.compile()?.select(&net.modules())?;
     net.map_linears(&mut |path, l| {
         if selected.iter().any(|s| s == path) {
             let (inp, out) = (l.base.in_features(), l.base.out_features());
-            l.adapter.0.insert(name, LowRank::random(r, inp, out, 0.5, device))?;
+            l.adapter
+                .0
+                .insert(name, LowRank::random(r, inp, out, 0.5, device))?;
         }
         Ok(())
     })?;
@@ -250,7 +287,8 @@ fn input<B: Backend>(device: &B::Device) -> Tensor<B, 3> {
 }
 
 fn assert_close<B: Backend, const N: usize>(a: Tensor<B, N>, b: Tensor<B, N>) {
-    a.into_data().assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-4));
+    a.into_data()
+        .assert_approx_eq::<f32>(&b.into_data(), Tolerance::absolute(1e-4));
 }
 
 fn disabled_adapters_give_the_base_output_bit_for_bit<B: AutodiffBackend>(device: &B::Device) {
@@ -260,15 +298,30 @@ fn disabled_adapters_give_the_base_output_bit_for_bit<B: AutodiffBackend>(device
     add_low_rank(&mut net, "a", Targets::list(["up", "down"]), 2, device).unwrap();
     net.map_linears(&mut |_, l| {
         let n = l.base.out_features();
-        l.adapter.1.insert("s", Scale { l: Param::from_tensor(Tensor::full([n], 1.5, device)) })
+        l.adapter.1.insert(
+            "s",
+            Scale {
+                l: Param::from_tensor(Tensor::full([n], 1.5, device)),
+            },
+        )
     })
     .unwrap();
     net.map_sublayers(&mut |_, s| {
-        s.insert("bn", Bottleneck { down: LinearConfig::new(D, 2).init(device), up: LinearConfig::new(2, D).init(device) })
+        s.insert(
+            "bn",
+            Bottleneck {
+                down: LinearConfig::new(D, 2).init(device),
+                up: LinearConfig::new(2, D).init(device),
+            },
+        )
     })
     .unwrap();
     let adapted = net.forward(x.clone());
-    let diff = (adapted.clone() - base.clone()).abs().max().into_scalar().elem::<f32>();
+    let diff = (adapted.clone() - base.clone())
+        .abs()
+        .max()
+        .into_scalar()
+        .elem::<f32>();
     assert!(diff > 1e-3, "the adapters changed nothing ({diff})");
 
     model::set_adapters_disabled(&mut net, true).unwrap();
@@ -279,11 +332,23 @@ fn disabled_adapters_give_the_base_output_bit_for_bit<B: AutodiffBackend>(device
 
 fn merging_equals_unmerged_and_unmerge_restores_weights<B: AutodiffBackend>(device: &B::Device) {
     let mut net = new_net::<B>(2, device);
-    add_low_rank(&mut net, "a", Targets::pattern(r"layers\.\d\.(up|down)"), 3, device).unwrap();
+    add_low_rank(
+        &mut net,
+        "a",
+        Targets::pattern(r"layers\.\d\.(up|down)"),
+        3,
+        device,
+    )
+    .unwrap();
     net.map_linears(&mut |_, l| {
         let n = l.base.out_features();
         let v = Tensor::random([n], Distribution::Uniform(0.5, 1.5), device);
-        l.adapter.1.insert("s", Scale { l: Param::from_tensor(v) })
+        l.adapter.1.insert(
+            "s",
+            Scale {
+                l: Param::from_tensor(v),
+            },
+        )
     })
     .unwrap();
     let x = input::<B>(device);
@@ -291,10 +356,20 @@ fn merging_equals_unmerged_and_unmerge_restores_weights<B: AutodiffBackend>(devi
     let w_before: Vec<_> = net.layers.iter().map(|b| b.up.base.weight.val()).collect();
 
     model::merge_adapters(&mut net, None, true).unwrap();
-    assert_eq!(net.layers[0].up.adapter.merged_adapters(), vec!["a".to_string(), "s".to_string()]);
+    assert_eq!(
+        net.layers[0].up.adapter.merged_adapters(),
+        vec!["a".to_string(), "s".to_string()]
+    );
     assert_close(net.forward(x.clone()), unmerged.clone());
     let w_merged = net.layers[0].up.base.weight.val();
-    assert!((w_merged - w_before[0].clone()).abs().max().into_scalar().elem::<f32>() > 1e-3);
+    assert!(
+        (w_merged - w_before[0].clone())
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f32>()
+            > 1e-3
+    );
 
     model::unmerge_adapters(&mut net).unwrap();
     assert!(net.layers[0].up.adapter.merged_adapters().is_empty());
@@ -310,15 +385,26 @@ fn safe_merge_refuses_non_finite_results<B: AutodiffBackend>(device: &B::Device)
         let n = l.base.out_features();
         let mut v = vec![1.0f32; n];
         v[0] = f32::INFINITY;
-        l.adapter.1.insert("bad", Scale { l: Param::from_tensor(Tensor::from_floats(v.as_slice(), device)) })
+        l.adapter.1.insert(
+            "bad",
+            Scale {
+                l: Param::from_tensor(Tensor::from_floats(v.as_slice(), device)),
+            },
+        )
     })
     .unwrap();
     let w_before = net.layers[0].up.base.weight.val();
     let err = model::merge_adapters(&mut net, None, true).unwrap_err();
     assert!(matches!(err, PeftError::Adapter(_)), "{err}");
-    assert!(err.to_string().contains("layers.0.up") && err.to_string().contains("NaN or infinite"), "{err}");
+    assert!(
+        err.to_string().contains("layers.0.up") && err.to_string().contains("NaN or infinite"),
+        "{err}"
+    );
     // The layer that failed is untouched and nothing is marked merged.
-    assert_eq!(net.layers[0].up.base.weight.val().into_data(), w_before.into_data());
+    assert_eq!(
+        net.layers[0].up.base.weight.val().into_data(),
+        w_before.into_data()
+    );
     assert!(net.layers[0].up.adapter.merged_adapters().is_empty());
 }
 
@@ -342,9 +428,16 @@ fn named_adapters_switch_and_delete<B: AutodiffBackend>(device: &B::Device) {
     let both = net.forward(x.clone());
     assert!((both - only_b).abs().max().into_scalar().elem::<f32>() > 1e-4);
 
-    let err = model::set_active_adapters(&mut net, &["c"]).unwrap_err().to_string();
+    let err = model::set_active_adapters(&mut net, &["c"])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("`c`") && err.contains("a, b"), "{err}");
-    let err = net.layers[0].up.adapter.0.insert("a", LowRank::random(1, D, H, 1.0, device)).unwrap_err();
+    let err = net.layers[0]
+        .up
+        .adapter
+        .0
+        .insert("a", LowRank::random(1, D, H, 1.0, device))
+        .unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
 }
 
@@ -358,7 +451,10 @@ fn only_adapter_parameters_train<B: AutodiffBackend>(device: &B::Device) {
     let base = 2 * ((D * H + H) + (H * D + D)) + D * 3;
     assert_eq!(report.trainable, lora);
     assert_eq!(report.total, lora + base);
-    assert!(report.to_string().starts_with(&format!("trainable params: {lora} || all params: {}", lora + base)));
+    assert!(report.to_string().starts_with(&format!(
+        "trainable params: {lora} || all params: {}",
+        lora + base
+    )));
     let paths = trainable_paths(&net);
     assert!(paths.iter().all(|p| p.contains(".adapter.")), "{paths:?}");
 
@@ -366,19 +462,39 @@ fn only_adapter_parameters_train<B: AutodiffBackend>(device: &B::Device) {
     let before = net.clone();
     let loss = net.forward(x).powi_scalar(2).mean();
     let grads = GradientsParams::from_grads(loss.backward(), &net);
-    assert_eq!(grads.len(), paths.len(), "gradients for exactly the adapter parameters");
+    assert_eq!(
+        grads.len(),
+        paths.len(),
+        "gradients for exactly the adapter parameters"
+    );
     let mut optim = AdamWConfig::new().init::<B, Net<B>>();
     let after = optim.step(1e-2, net, grads);
-    assert_eq!(optim.to_record().len(), paths.len(), "optimizer state for exactly the adapter parameters");
+    assert_eq!(
+        optim.to_record().len(),
+        paths.len(),
+        "optimizer state for exactly the adapter parameters"
+    );
 
     for (b0, b1) in before.layers.iter().zip(&after.layers) {
-        assert_eq!(b0.up.base.weight.val().into_data(), b1.up.base.weight.val().into_data());
-        assert_eq!(b0.down.base.bias.as_ref().map(|b| b.val().into_data()), b1.down.base.bias.as_ref().map(|b| b.val().into_data()));
+        assert_eq!(
+            b0.up.base.weight.val().into_data(),
+            b1.up.base.weight.val().into_data()
+        );
+        assert_eq!(
+            b0.down.base.bias.as_ref().map(|b| b.val().into_data()),
+            b1.down.base.bias.as_ref().map(|b| b.val().into_data())
+        );
         let a0 = b0.up.adapter.0.get("a").unwrap().a.val();
         let a1 = b1.up.adapter.0.get("a").unwrap().a.val();
-        assert!((a0 - a1).abs().max().into_scalar().elem::<f32>() > 1e-4, "adapter did not move");
+        assert!(
+            (a0 - a1).abs().max().into_scalar().elem::<f32>() > 1e-4,
+            "adapter did not move"
+        );
     }
-    assert_eq!(before.lm_head.weight.val().into_data(), after.lm_head.weight.val().into_data());
+    assert_eq!(
+        before.lm_head.weight.val().into_data(),
+        after.lm_head.weight.val().into_data()
+    );
 }
 
 fn adapters_save_and_load_under_peft_keys<B: AutodiffBackend>(device: &B::Device) {
@@ -409,11 +525,14 @@ fn adapters_save_and_load_under_peft_keys<B: AutodiffBackend>(device: &B::Device
             if path.ends_with("down") {
                 let a = st.take(&peft_key(path, "lora_A.weight"), &[2, inp], "")?;
                 let b = st.take(&peft_key(path, "lora_B.weight"), &[out, 2], "")?;
-                l.adapter.0.insert("default", LowRank {
-                    a: Param::from_data(a, device),
-                    b: Param::from_data(b, device),
-                    scale: 0.5,
-                })?;
+                l.adapter.0.insert(
+                    "default",
+                    LowRank {
+                        a: Param::from_data(a, device),
+                        b: Param::from_data(b, device),
+                        scale: 0.5,
+                    },
+                )?;
             }
             Ok(())
         })

@@ -3,6 +3,8 @@
 //! (`scripts/fixtures/peft_core.py`), and the property tests check peft's documented rules
 //! on generated module paths.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::collections::BTreeMap;
 
 use peft_core::PeftError;
@@ -59,8 +61,11 @@ fn decisions_match_peft_check_target_module_exists() {
 fn pattern_keys_match_peft_get_pattern_key() {
     let cases: Cases = serde_json::from_str(&fixture("target_cases.json")).unwrap();
     for case in &cases.pattern_cases {
-        let map = PatternMap::new("rank_pattern", case.keys.iter().map(|k| (k.clone(), k.clone())))
-            .unwrap();
+        let map = PatternMap::new(
+            "rank_pattern",
+            case.keys.iter().map(|k| (k.clone(), k.clone())),
+        )
+        .unwrap();
         for (path, expected) in &case.matches {
             // peft returns the matching key, or the path itself when no key matches.
             let got = map.get(path).unwrap_or_else(|| path.clone());
@@ -100,7 +105,10 @@ fn all_linear_resolves_like_peft() {
                 ModuleInfo::new(&x.path, kind)
             })
             .collect();
-        let spec = TargetSpec { target_modules: Some(Targets::pattern("ALL-LINEAR")), ..Default::default() };
+        let spec = TargetSpec {
+            target_modules: Some(Targets::pattern("ALL-LINEAR")),
+            ..Default::default()
+        };
         let mut got = spec.compile().unwrap().select(&modules).unwrap();
         got.sort();
         assert_eq!(got, m.resolved, "{}", m.model);
@@ -111,10 +119,16 @@ fn llama_modules(layers: usize) -> Vec<ModuleInfo> {
     let mut v = vec![ModuleInfo::new("model.embed_tokens", ModuleKind::Embedding)];
     for i in 0..layers {
         for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            v.push(ModuleInfo::new(format!("model.layers.{i}.self_attn.{p}"), ModuleKind::Linear));
+            v.push(ModuleInfo::new(
+                format!("model.layers.{i}.self_attn.{p}"),
+                ModuleKind::Linear,
+            ));
         }
         for p in ["gate_proj", "up_proj", "down_proj"] {
-            v.push(ModuleInfo::new(format!("model.layers.{i}.mlp.{p}"), ModuleKind::Linear));
+            v.push(ModuleInfo::new(
+                format!("model.layers.{i}.mlp.{p}"),
+                ModuleKind::Linear,
+            ));
         }
     }
     v.push(ModuleInfo::new("lm_head", ModuleKind::OutputHead));
@@ -123,8 +137,15 @@ fn llama_modules(layers: usize) -> Vec<ModuleInfo> {
 
 #[test]
 fn no_match_is_an_error_listing_the_paths_that_exist() {
-    let spec = TargetSpec { target_modules: Some(Targets::list(["query", "value"])), ..Default::default() };
-    let err = spec.compile().unwrap().select(&llama_modules(2)).unwrap_err();
+    let spec = TargetSpec {
+        target_modules: Some(Targets::list(["query", "value"])),
+        ..Default::default()
+    };
+    let err = spec
+        .compile()
+        .unwrap()
+        .select(&llama_modules(2))
+        .unwrap_err();
     assert!(matches!(err, PeftError::NoTargetMatched { .. }));
     let msg = err.to_string();
     assert!(msg.contains("[\"query\", \"value\"]"), "{msg}");
@@ -139,20 +160,50 @@ fn everything_excluded_is_reported_as_such() {
         exclude_modules: Some(Targets::pattern(".*")),
         ..Default::default()
     };
-    let msg = spec.compile().unwrap().select(&llama_modules(1)).unwrap_err().to_string();
+    let msg = spec
+        .compile()
+        .unwrap()
+        .select(&llama_modules(1))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("matched but were excluded"), "{msg}");
 }
 
 #[test]
 fn a_bad_regex_names_the_field() {
-    let spec = TargetSpec { target_modules: Some(Targets::pattern("q_proj(")), ..Default::default() };
+    let spec = TargetSpec {
+        target_modules: Some(Targets::pattern("q_proj(")),
+        ..Default::default()
+    };
     let err = spec.compile().unwrap_err();
-    assert!(matches!(err, PeftError::InvalidPattern { field: "target_modules", .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            PeftError::InvalidPattern {
+                field: "target_modules",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 fn segment() -> impl Strategy<Value = String> {
-    prop::sample::select(vec!["model", "layers", "self_attn", "mlp", "q_proj", "v_proj", "h", "attn", "proj", "0", "1", "12"])
-        .prop_map(str::to_string)
+    prop::sample::select(vec![
+        "model",
+        "layers",
+        "self_attn",
+        "mlp",
+        "q_proj",
+        "v_proj",
+        "h",
+        "attn",
+        "proj",
+        "0",
+        "1",
+        "12",
+    ])
+    .prop_map(str::to_string)
 }
 
 fn path() -> impl Strategy<Value = String> {

@@ -60,7 +60,10 @@ pub fn run_ndarray<T: BackendTest>(t: &T) {
     #[cfg(not(feature = "ndarray"))]
     {
         let _ = t;
-        skip("ndarray", "peft-testing was built without the `ndarray` feature");
+        skip(
+            "ndarray",
+            "peft-testing was built without the `ndarray` feature",
+        );
     }
 }
 
@@ -88,7 +91,10 @@ pub fn run_wgpu<T: BackendTest>(t: &T) {
     #[cfg(not(feature = "wgpu"))]
     {
         let _ = t;
-        skip("wgpu", "built without the `wgpu` feature (use --features peft-testing/wgpu)");
+        skip(
+            "wgpu",
+            "built without the `wgpu` feature (use --features peft-testing/wgpu)",
+        );
     }
 }
 
@@ -111,7 +117,10 @@ pub fn run_cuda<T: BackendTest>(t: &T) {
     #[cfg(not(feature = "cuda"))]
     {
         let _ = t;
-        skip("cuda", "built without the `cuda` feature (use --features peft-testing/cuda)");
+        skip(
+            "cuda",
+            "built without the `cuda` feature (use --features peft-testing/cuda)",
+        );
     }
 }
 
