@@ -30,6 +30,11 @@ use crate::error::{PeftError, Result};
 /// Weights are exchanged in the Hugging Face layout `[out, in]`; storage may keep any
 /// layout internally (burn's `Linear` keeps `[in, out]`).
 pub trait LinearWeight<B: Backend>: Module<B> + ModuleDisplay {
+    /// Builds the storage from a dense weight in the Hugging Face layout `[out, in]` and
+    /// an optional bias (as a checkpoint loader does). Quantized storage quantizes here.
+    fn from_dense(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self
+    where
+        Self: Sized;
     /// Input width.
     fn in_features(&self) -> usize;
     /// Output width.
@@ -310,6 +315,13 @@ impl<B: Backend, A: KvAdapter<B>, C: KvAdapter<B>> KvAdapter<B> for (A, C) {
 }
 
 impl<B: Backend> LinearWeight<B> for burn::nn::Linear<B> {
+    fn from_dense(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        burn::nn::Linear {
+            weight: burn::module::Param::from_tensor(weight.transpose()),
+            bias: bias.map(burn::module::Param::from_tensor),
+        }
+    }
+
     fn in_features(&self) -> usize {
         self.weight.shape().dims::<2>()[0]
     }
