@@ -1,10 +1,194 @@
 //! # peft-models
 //!
 //! Real architectures written with adapter slots at every injection point of
-//! [`peft_core::inject`]: the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2), GPT-2 and
-//! BERT, loading Hugging Face directories (safetensors, sharded or not) and GGUF files, with
-//! module paths equal to the Hugging Face names so peft target names and adapter keys work
-//! as they are.
+//! [`peft_core::inject`], loading real checkpoints:
 //!
-//! Status: the crate exists so the workspace has its final shape; the architectures land
-//! with the models work item (they implement [`peft_core::model::AdaptableModel`]).
+//! - the Llama family ([`llama`]: Llama 2/3 with rope scaling, SmolLM2, Mistral, Qwen2 with
+//!   q/k/v biases; grouped-query attention, RoPE, RMSNorm, SwiGLU, tied or untied embeddings);
+//! - GPT-2 ([`gpt2`], whose Conv1D weights are stored `[in, out]`);
+//! - BERT ([`bert`]: encoder, pooler, sequence-classification head).
+//!
+//! Weights come from Hugging Face directories (`config.json` + `model.safetensors`, or
+//! shards listed in `model.safetensors.index.json`; f32, f16 or bf16) through
+//! [`weights::SafetensorsSource`], and from GGUF files ([`gguf`]). Module paths equal the
+//! Hugging Face names (`model.layers.3.self_attn.q_proj`), so peft's target names and
+//! adapter keys apply unchanged. [`generate`] decodes with a KV cache.
+//!
+//! ```no_run
+//! use burn::backend::NdArray;
+//! use peft_models::{CausalLm, ForwardInput, load_causal_lm};
+//!
+//! let device = Default::default();
+//! let model = load_causal_lm::<NdArray>("path/to/SmolLM2-135M-Instruct".as_ref(), &device)?;
+//! let ids = burn::tensor::Tensor::from_ints([[1, 2, 3]], &device);
+//! let logits = model.forward(ForwardInput::new(ids), None); // [1, 3, vocab]
+//! # Ok::<(), peft_models::ModelError>(())
+//! ```
+
+pub mod bert;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod gguf_model;
+pub mod gpt2;
+pub mod llama;
+pub mod nn;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::Path;
+
+use burn::prelude::*;
+
+pub use error::{ModelError, Result};
+
+/// Inputs of a forward pass.
+#[derive(Clone, Debug)]
+pub struct ForwardInput<'a, B: Backend> {
+    /// Token ids `[batch, seq]`.
+    pub ids: Tensor<B, 2, Int>,
+    /// Per sequence, which of the `past + seq` positions are real tokens (false = padding).
+    pub padding: Option<&'a [Vec<bool>]>,
+}
+
+impl<B: Backend> ForwardInput<'_, B> {
+    /// Token ids with no padding.
+    pub fn new(ids: Tensor<B, 2, Int>) -> Self {
+        Self { ids, padding: None }
+    }
+}
+
+/// Cached keys and values of every layer, for incremental decoding.
+#[derive(Clone, Debug)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// Positions cached so far (virtual tokens included).
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![None; layers],
+            len: 0,
+        }
+    }
+
+    /// Appends this step's keys and values `[batch, heads, seq, head_dim]` for `layer` and
+    /// returns the full keys and values so far.
+    pub fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let (k, v) = match self.layers[layer].take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        (k, v)
+    }
+}
+
+/// A causal language model: ids in, next-token logits out.
+pub trait CausalLm<B: Backend> {
+    /// Logits `[batch, seq, vocab]` for the input's own positions. With a cache, the input
+    /// continues the cached sequence and the cache grows.
+    fn forward(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3>;
+    /// An empty cache for this model.
+    fn new_cache(&self) -> KvCache<B>;
+    /// Vocabulary size.
+    fn vocab_size(&self) -> usize;
+    /// Token ids that end generation, from the model's config.
+    fn eos_token_ids(&self) -> Vec<u32>;
+}
+
+/// A causal language model of any supported architecture, with dense weights and no adapters.
+#[derive(Debug)]
+pub enum AnyCausalLm<B: Backend> {
+    /// Llama family.
+    Llama(llama::Llama<B>),
+    /// GPT-2.
+    Gpt2(gpt2::Gpt2<B>),
+}
+
+impl<B: Backend> CausalLm<B> for AnyCausalLm<B> {
+    fn forward(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        match self {
+            Self::Llama(m) => m.forward(input, cache),
+            Self::Gpt2(m) => m.forward(input, cache),
+        }
+    }
+    fn new_cache(&self) -> KvCache<B> {
+        match self {
+            Self::Llama(m) => m.new_cache(),
+            Self::Gpt2(m) => m.new_cache(),
+        }
+    }
+    fn vocab_size(&self) -> usize {
+        match self {
+            Self::Llama(m) => m.vocab_size(),
+            Self::Gpt2(m) => m.vocab_size(),
+        }
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        match self {
+            Self::Llama(m) => m.eos_token_ids(),
+            Self::Gpt2(m) => m.eos_token_ids(),
+        }
+    }
+}
+
+/// The model cache that `cargo xtask fetch-model` fills: `$PEFT_CACHE`, else
+/// `~/.cache/burn-peft/models`.
+pub fn model_cache() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("PEFT_CACHE") {
+        return dir.into();
+    }
+    std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+        .join(".cache/burn-peft/models")
+}
+
+/// Where SmolLM2-135M-Instruct's GGUF file is: `$SMOLLM2_GGUF`, else its place in
+/// [`model_cache`] (`cargo xtask fetch-model smollm2` puts it there). The file may not exist.
+pub fn smollm2_gguf_path() -> std::path::PathBuf {
+    std::env::var_os("SMOLLM2_GGUF")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| model_cache().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+/// Loads a causal LM from a Hugging Face directory or a `.gguf` file.
+///
+/// # Errors
+/// A missing file, an unknown architecture, a missing or mis-shaped tensor, a truncated file.
+pub fn load_causal_lm<B: Backend>(path: &Path, device: &B::Device) -> Result<AnyCausalLm<B>> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return gguf_model::load_causal_lm(path, device);
+    }
+    if !path.exists() {
+        return Err(ModelError::MissingFile {
+            path: path.to_path_buf(),
+            hint: "give a Hugging Face model directory or a .gguf file".into(),
+        });
+    }
+    let config = config::ModelConfig::from_dir(path)?;
+    let mut src = weights::SafetensorsSource::open_dir(path)?;
+    match config {
+        config::ModelConfig::Llama(c) => Ok(AnyCausalLm::Llama(llama::Llama::load(
+            &c, &mut src, device,
+        )?)),
+        config::ModelConfig::Gpt2(c) => {
+            Ok(AnyCausalLm::Gpt2(gpt2::Gpt2::load(&c, &mut src, device)?))
+        }
+        config::ModelConfig::Bert(_) => Err(ModelError::InvalidInput(format!(
+            "`{}` is a BERT encoder, not a causal language model; load it with bert::BertForSequenceClassification",
+            path.display()
+        ))),
+    }
+}

@@ -1,0 +1,224 @@
+//! Text generation with a KV cache: greedy decoding, temperature, top-k, top-p and
+//! repetition penalty, stopping at end-of-sequence tokens, with a callback per token for
+//! streaming.
+//!
+//! The logits processors run in transformers' order: repetition penalty, temperature,
+//! top-k, top-p. Without sampling options decoding is greedy (the first maximum wins, as
+//! `torch.argmax`).
+
+use burn::prelude::*;
+
+use crate::error::{ModelError, Result};
+use crate::{CausalLm, ForwardInput};
+
+/// Decoding options.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationConfig {
+    /// How many tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// Sample from the distribution (otherwise greedy).
+    pub do_sample: bool,
+    /// Softmax temperature (sampling only).
+    pub temperature: f64,
+    /// Keep the `k` most likely tokens (0 = all; sampling only).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches `p` (1.0 = all; sampling only).
+    pub top_p: f64,
+    /// transformers' repetition penalty (1.0 = none): seen tokens' positive logits are
+    /// divided by it, negative ones multiplied.
+    pub repetition_penalty: f64,
+    /// Tokens that end generation (the model's end-of-sequence ids by default).
+    pub eos_token_ids: Vec<u32>,
+    /// Seed of the sampler.
+    pub seed: u64,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            eos_token_ids: vec![],
+            seed: 0,
+        }
+    }
+}
+
+impl GenerationConfig {
+    /// Checks the options.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] for a non-positive temperature or penalty, or a top-p
+    /// outside (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if self.do_sample && (self.temperature <= 0.0 || !self.temperature.is_finite()) {
+            return Err(ModelError::InvalidInput(format!(
+                "temperature must be positive, got {}",
+                self.temperature
+            )));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ModelError::InvalidInput(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
+        }
+        if self.repetition_penalty <= 0.0 || !self.repetition_penalty.is_finite() {
+            return Err(ModelError::InvalidInput(format!(
+                "repetition_penalty must be positive, got {}",
+                self.repetition_penalty
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A small deterministic generator (SplitMix64) for sampling.
+#[derive(Clone, Debug)]
+pub struct Sampler {
+    state: u64,
+}
+
+impl Sampler {
+    /// A sampler with a seed.
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    fn next_f64(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks the next token from one position's logits.
+pub fn next_token(
+    logits: &mut [f32],
+    seen: &[u32],
+    cfg: &GenerationConfig,
+    sampler: &mut Sampler,
+) -> u32 {
+    if cfg.repetition_penalty != 1.0 {
+        let p = cfg.repetition_penalty as f32;
+        let mut done = std::collections::HashSet::new();
+        for &t in seen {
+            if let Some(l) = logits.get_mut(t as usize)
+                && done.insert(t)
+            {
+                *l = if *l < 0.0 { *l * p } else { *l / p };
+            }
+        }
+    }
+    if !cfg.do_sample {
+        let mut best = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            if l > logits[best] {
+                best = i;
+            }
+        }
+        return best as u32;
+    }
+    let t = cfg.temperature as f32;
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if cfg.top_k > 0 {
+        idx.truncate(cfg.top_k.max(1));
+    }
+    let max = logits[idx[0]] / t;
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| f64::from(logits[i] / t - max).exp())
+        .collect();
+    let sum: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    if cfg.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = probs.len();
+        for (n, p) in probs.iter().enumerate() {
+            acc += p;
+            if acc >= cfg.top_p {
+                keep = n + 1;
+                break;
+            }
+        }
+        idx.truncate(keep);
+        probs.truncate(keep);
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+    }
+    let r = sampler.next_f64();
+    let mut acc = 0.0;
+    for (n, p) in probs.iter().enumerate() {
+        acc += p;
+        if r < acc {
+            return idx[n] as u32;
+        }
+    }
+    idx[idx.len() - 1] as u32
+}
+
+/// Generates after `prompt`, calling `on_token` with each new token as it is produced;
+/// returns the new tokens (the end-of-sequence token included when one stopped it).
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] for an empty prompt, an id outside the vocabulary or bad
+/// options.
+pub fn generate<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    prompt: &[u32],
+    cfg: &GenerationConfig,
+    device: &B::Device,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
+    cfg.validate()?;
+    if prompt.is_empty() {
+        return Err(ModelError::InvalidInput("the prompt is empty".into()));
+    }
+    let vocab = model.vocab_size();
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ModelError::InvalidInput(format!(
+            "token id {bad} is outside the vocabulary (size {vocab})"
+        )));
+    }
+    let eos = if cfg.eos_token_ids.is_empty() {
+        model.eos_token_ids()
+    } else {
+        cfg.eos_token_ids.clone()
+    };
+    let mut cache = model.new_cache();
+    let mut sampler = Sampler::new(cfg.seed);
+    let mut seen: Vec<u32> = prompt.to_vec();
+    let mut out = Vec::new();
+    let mut input: Vec<u32> = prompt.to_vec();
+    for _ in 0..cfg.max_new_tokens {
+        let ids: Vec<i32> = input.iter().map(|&t| t as i32).collect();
+        let n = ids.len();
+        let ids =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device).unsqueeze::<2>();
+        let logits = model.forward(ForwardInput::new(ids), Some(&mut cache));
+        let [_, s, v] = logits.dims();
+        let last = logits.slice([0..1, s - 1..s, 0..v]);
+        let mut row: Vec<f32> = last
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| ModelError::InvalidInput(format!("{e:?}")))?;
+        let t = next_token(&mut row, &seen, cfg, &mut sampler);
+        on_token(t);
+        out.push(t);
+        seen.push(t);
+        if eos.contains(&t) {
+            break;
+        }
+        input = vec![t];
+    }
+    Ok(out)
+}

@@ -1,0 +1,192 @@
+//! Building blocks shared by the architectures: norms with Hugging Face parameter names,
+//! rotary embeddings, attention masks and the attention core.
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, TensorData};
+
+use crate::error::Result;
+use crate::weights::WeightSource;
+
+/// RMSNorm as transformers computes it: `weight * x / sqrt(mean(x^2) + eps)`.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Scale, `[d]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Loads `{prefix}.weight`.
+    ///
+    /// # Errors
+    /// As [`WeightSource::take`].
+    pub fn load(
+        src: &mut dyn WeightSource,
+        prefix: &str,
+        d: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let w = src.take(&format!("{prefix}.weight"), &[d])?;
+        Ok(Self {
+            weight: Param::from_data(w, device),
+            eps,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let var = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let x = x * (var + self.eps).sqrt().recip();
+        x * self.weight.val().unsqueeze::<D>()
+    }
+}
+
+/// LayerNorm as transformers computes it (biased variance), with `weight` and `bias`.
+#[derive(Module, Debug)]
+pub struct LayerNorm<B: Backend> {
+    /// Scale, `[d]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Shift, `[d]`.
+    pub bias: Param<Tensor<B, 1>>,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    /// Loads `{prefix}.weight` and `{prefix}.bias`.
+    ///
+    /// # Errors
+    /// As [`WeightSource::take`].
+    pub fn load(
+        src: &mut dyn WeightSource,
+        prefix: &str,
+        d: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> Result<Self> {
+        let w = src.take(&format!("{prefix}.weight"), &[d])?;
+        let b = src.take(&format!("{prefix}.bias"), &[d])?;
+        Ok(Self {
+            weight: Param::from_data(w, device),
+            bias: Param::from_data(b, device),
+            eps,
+        })
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let mean = x.clone().mean_dim(D - 1);
+        let centered = x - mean;
+        let var = centered.clone().powi_scalar(2).mean_dim(D - 1);
+        let x = centered * (var + self.eps).sqrt().recip();
+        x * self.weight.val().unsqueeze::<D>() + self.bias.val().unsqueeze::<D>()
+    }
+}
+
+/// Cosine and sine tables `[positions, head_dim]` for rotary embeddings at the given
+/// absolute positions (transformers' layout: the two halves of the head share frequencies).
+pub fn rope_tables<B: Backend>(
+    inv_freq: &[f64],
+    positions: std::ops::Range<usize>,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let half = inv_freq.len();
+    let n = positions.len();
+    let mut cos = Vec::with_capacity(n * half * 2);
+    let mut sin = Vec::with_capacity(n * half * 2);
+    for p in positions {
+        // transformers computes the angles in f32; so do we, then take cos/sin accurately.
+        let angles: Vec<f32> = inv_freq.iter().map(|f| (*f as f32) * (p as f32)).collect();
+        for _ in 0..2 {
+            cos.extend(angles.iter().map(|a| f64::from(*a).cos() as f32));
+            sin.extend(angles.iter().map(|a| f64::from(*a).sin() as f32));
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [n, half * 2]), device),
+        Tensor::from_data(TensorData::new(sin, [n, half * 2]), device),
+    )
+}
+
+/// Applies rotary embeddings to `x: [batch, heads, seq, head_dim]`:
+/// `x * cos + rotate_half(x) * sin`, `rotate_half([a, b]) = [-b, a]`.
+pub fn apply_rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    let [b, h, s, d] = x.dims();
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone().unsqueeze::<4>() + rotated * sin.clone().unsqueeze::<4>()
+}
+
+/// Which key positions each query may attend to, `[batch, 1, queries, keys]` (true =
+/// masked out). Keys are `prefix` always-visible positions followed by `past + queries`
+/// positions; query `i` sees keys up to its own position (causal) and, with a padding
+/// mask `[batch, past + queries]` (1 = real token), only real tokens.
+pub fn attention_mask<B: Backend>(
+    batch: usize,
+    queries: usize,
+    past: usize,
+    prefix: usize,
+    causal: bool,
+    padding: Option<&[Vec<bool>]>,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let keys = prefix + past + queries;
+    let mut m = vec![false; batch * queries * keys];
+    for b in 0..batch {
+        for i in 0..queries {
+            for j in prefix..keys {
+                let kp = j - prefix;
+                let future = causal && kp > past + i;
+                let pad = padding.is_some_and(|p| !p[b].get(kp).copied().unwrap_or(true));
+                m[(b * queries + i) * keys + j] = future || pad;
+            }
+        }
+    }
+    Tensor::<B, 3, Bool>::from_data(TensorData::new(m, [batch, queries, keys]), device)
+        .unsqueeze_dim(1)
+}
+
+/// `softmax(q k^T * scale + mask) v` with grouped-query attention: `q: [b, h, s, d]`,
+/// `k, v: [b, kv_heads, t, d]` where `h` is a multiple of `kv_heads`.
+pub fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let [b, h, _, d] = q.dims();
+    let [_, kvh, t, _] = k.dims();
+    let (k, v) = if kvh == h {
+        (k, v)
+    } else {
+        let rep = h / kvh;
+        let expand = |x: Tensor<B, 4>| {
+            x.unsqueeze_dim::<5>(2)
+                .expand([b, kvh, rep, t, d])
+                .reshape([b, h, t, d])
+        };
+        (expand(k), expand(v))
+    };
+    let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
+    if let Some(mask) = mask {
+        scores = scores.mask_fill(mask.clone(), f32::MIN);
+    }
+    softmax(scores, 3).matmul(v)
+}
+
+/// GPT-2's `gelu_new`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * c;
+    x * (inner.tanh() + 1.0) * 0.5
+}
