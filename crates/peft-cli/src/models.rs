@@ -1,0 +1,286 @@
+//! `peft generate`, `peft logits` and `peft inspect`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use clap::{Args, ValueEnum};
+use peft_core::model::AdaptableModel;
+use peft_core::target::ModuleKind;
+use peft_models::generate::GenerationConfig;
+use peft_models::tokenizer::{ChatMessage, Tokenizer};
+use peft_models::{AnyCausalLm, CausalLm, ForwardInput};
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Device {
+    /// The CPU, with the fastest CPU backend compiled in (flex, else ndarray).
+    Cpu,
+    /// The CPU with burn's ndarray backend.
+    Ndarray,
+    /// The CPU with burn's flex backend.
+    Flex,
+    /// A GPU through wgpu (Vulkan, Metal, DX12; Mesa's software Vulkan on the CPU).
+    Wgpu,
+    /// An NVIDIA GPU through CUDA.
+    Cuda,
+}
+
+/// Arguments of `peft generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A Hugging Face model directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// Apply the model's chat template (the prompt is the user's message).
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message (with --chat).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// How many tokens to generate at most.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature (turns sampling on).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// Keep only the k most likely tokens (turns sampling on).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the smallest set reaching this probability (turns sampling on).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Penalise tokens already present (1.0 = off), as transformers does.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+}
+
+/// Arguments of `peft logits`.
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    /// A Hugging Face model directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Comma-separated token ids, e.g. 1,2,3.
+    #[arg(long)]
+    pub ids: String,
+    /// The output safetensors file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+}
+
+/// Arguments of `peft inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// A Hugging Face model directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `$body` with `B` bound to the backend chosen by `$device`.
+macro_rules! with_backend {
+    ($device:expr, |$b:ident, $dev:ident| $body:expr) => {{
+        match $device {
+            #[cfg(feature = "flex")]
+            Device::Cpu | Device::Flex => {
+                type $b = burn::backend::Flex;
+                let $dev = Default::default();
+                $body
+            }
+            #[cfg(all(not(feature = "flex"), feature = "ndarray"))]
+            Device::Cpu => {
+                type $b = burn::backend::NdArray;
+                let $dev = Default::default();
+                $body
+            }
+            #[cfg(feature = "ndarray")]
+            Device::Ndarray => {
+                type $b = burn::backend::NdArray;
+                let $dev = Default::default();
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu => {
+                type $b = burn::backend::Wgpu;
+                let $dev = Default::default();
+                $body
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda => {
+                type $b = burn::backend::Cuda;
+                let $dev = Default::default();
+                $body
+            }
+            #[allow(unreachable_patterns)]
+            other => bail!("this `peft` was built without the backend for `--device {other:?}`; rebuild with `--features {}`", format!("{other:?}").to_lowercase()),
+        }
+    }};
+}
+
+fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
+    Ok(if is_gguf(model) {
+        peft_models::gguf_model::load_tokenizer(model)?
+    } else {
+        Tokenizer::from_hf_dir(model)?
+    })
+}
+
+/// `peft generate`.
+pub fn generate(a: &GenerateArgs) -> Result<()> {
+    with_backend!(a.device, |B, device| generate_on::<B>(a, &device))
+}
+
+fn generate_on<B: Backend>(a: &GenerateArgs, device: &B::Device) -> Result<()> {
+    let model: AnyCausalLm<B> = peft_models::load_causal_lm(&a.model, device)?;
+    let tokenizer = load_tokenizer(&a.model)?;
+    let ids = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::system(s.clone()));
+        }
+        msgs.push(ChatMessage::user(a.prompt.clone()));
+        let text = tokenizer.apply_chat_template(&msgs, true)?;
+        tokenizer.encode(&text, false)?
+    } else {
+        tokenizer.encode(&a.prompt, true)?
+    };
+    let do_sample = a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some();
+    let mut eos = model.eos_token_ids();
+    for id in tokenizer.eos_token_ids() {
+        if !eos.contains(id) {
+            eos.push(*id);
+        }
+    }
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        do_sample,
+        temperature: a.temperature.unwrap_or(1.0),
+        top_k: a.top_k.unwrap_or(0),
+        top_p: a.top_p.unwrap_or(1.0),
+        repetition_penalty: a.repetition_penalty,
+        eos_token_ids: eos,
+        seed: a.seed,
+    };
+    let mut stream = tokenizer.decode_stream();
+    let mut stdout = std::io::stdout().lock();
+    let mut failed = None;
+    peft_models::generate::generate(&model, &ids, &cfg, device, |t| match stream.step(t) {
+        Ok(Some(text)) => {
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+        }
+        Ok(None) => {}
+        Err(e) => failed = Some(e),
+    })?;
+    writeln!(stdout)?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// `peft logits`.
+pub fn logits(a: &LogitsArgs) -> Result<()> {
+    let ids: Vec<i32> = a
+        .ids
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<u32>()
+                .map(|v| v as i32)
+                .with_context(|| format!("`{s}` in --ids is not a token id"))
+        })
+        .collect::<Result<_>>()?;
+    if ids.is_empty() {
+        bail!("--ids is empty");
+    }
+    with_backend!(a.device, |B, device| logits_on::<B>(a, &ids, &device))
+}
+
+fn logits_on<B: Backend>(a: &LogitsArgs, ids: &[i32], device: &B::Device) -> Result<()> {
+    let model: AnyCausalLm<B> = peft_models::load_causal_lm(&a.model, device)?;
+    let vocab = model.vocab_size();
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        bail!("token id {bad} is outside the vocabulary (size {vocab})");
+    }
+    let n = ids.len();
+    let t =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(ids.to_vec(), [n]), device).unsqueeze::<2>();
+    let logits = model
+        .forward(ForwardInput::new(t), None)
+        .reshape([n, vocab])
+        .into_data()
+        .convert::<f32>();
+    peft_core::format::TensorFile::write(&a.out, vec![("logits".to_string(), logits)])?;
+    println!("wrote logits [{n}, {vocab}] to {}", a.out.display());
+    Ok(())
+}
+
+/// `peft inspect`.
+pub fn inspect(a: &InspectArgs) -> Result<()> {
+    type B = burn::backend::NdArray;
+    let device = Default::default();
+    let model: AnyCausalLm<B> = peft_models::load_causal_lm(&a.model, &device)?;
+    let (arch, params, modules) = match &model {
+        AnyCausalLm::Llama(m) => (
+            format!("{:?} (Llama family)", m.config.flavor),
+            m.num_params(),
+            m.modules(),
+        ),
+        AnyCausalLm::Gpt2(m) => ("GPT-2".to_string(), m.num_params(), m.modules()),
+    };
+    let targets: Vec<&str> = modules
+        .iter()
+        .filter(|m| m.kind == ModuleKind::Linear)
+        .map(|m| m.path.as_str())
+        .collect();
+    let names: std::collections::BTreeSet<&str> = targets
+        .iter()
+        .filter_map(|p| p.rsplit('.').next())
+        .collect();
+    if a.json {
+        let v = serde_json::json!({
+            "architecture": arch,
+            "parameters": params,
+            "linear_layers": targets,
+            "target_names": names,
+            "output_head": modules.iter().filter(|m| m.kind == ModuleKind::OutputHead).map(|m| &m.path).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("model:        {}", a.model.display());
+        println!("architecture: {arch}");
+        println!("parameters:   {params}");
+        println!(
+            "target names: {}",
+            names.into_iter().collect::<Vec<_>>().join(", ")
+        );
+        println!("linear layers ({}):", targets.len());
+        for t in targets {
+            println!("  {t}");
+        }
+    }
+    Ok(())
+}
