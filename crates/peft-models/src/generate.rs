@@ -99,25 +99,78 @@ impl Sampler {
     }
 }
 
-/// Picks the next token from one position's logits.
+/// The distribution sampling draws from: transformers' repetition penalty, temperature,
+/// top-k (ties with the k-th value kept, as transformers keeps them) and top-p, in that
+/// order. Returns the kept token ids, most likely first, with their probabilities.
+pub fn sampling_distribution(
+    logits: &[f32],
+    seen: &[u32],
+    cfg: &GenerationConfig,
+) -> Vec<(u32, f64)> {
+    let mut scores = logits.to_vec();
+    apply_repetition_penalty(&mut scores, seen, cfg.repetition_penalty);
+    let t = cfg.temperature as f32;
+    if t != 1.0 {
+        scores.iter_mut().for_each(|s| *s /= t);
+    }
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    if cfg.top_k > 0 && cfg.top_k < idx.len() {
+        let kth = scores[idx[cfg.top_k - 1]];
+        idx.retain(|&i| scores[i] >= kth);
+    }
+    let max = scores[idx[0]];
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| f64::from(scores[i] - max).exp())
+        .collect();
+    let sum: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    if cfg.top_p < 1.0 {
+        // Keep a token while the mass of the tokens above it is below top_p.
+        let mut above = 0.0;
+        let keep = probs
+            .iter()
+            .take_while(|p| {
+                let k = above < cfg.top_p;
+                above += **p;
+                k
+            })
+            .count()
+            .max(1);
+        idx.truncate(keep);
+        probs.truncate(keep);
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+    }
+    idx.into_iter().map(|i| i as u32).zip(probs).collect()
+}
+
+fn apply_repetition_penalty(scores: &mut [f32], seen: &[u32], penalty: f64) {
+    if penalty == 1.0 {
+        return;
+    }
+    let p = penalty as f32;
+    let mut done = std::collections::HashSet::new();
+    for &t in seen {
+        if let Some(l) = scores.get_mut(t as usize)
+            && done.insert(t)
+        {
+            *l = if *l < 0.0 { *l * p } else { *l / p };
+        }
+    }
+}
+
+/// Picks the next token from one position's logits: the first maximum when not sampling
+/// (as `torch.argmax`), else a draw from [`sampling_distribution`].
 pub fn next_token(
     logits: &mut [f32],
     seen: &[u32],
     cfg: &GenerationConfig,
     sampler: &mut Sampler,
 ) -> u32 {
-    if cfg.repetition_penalty != 1.0 {
-        let p = cfg.repetition_penalty as f32;
-        let mut done = std::collections::HashSet::new();
-        for &t in seen {
-            if let Some(l) = logits.get_mut(t as usize)
-                && done.insert(t)
-            {
-                *l = if *l < 0.0 { *l * p } else { *l / p };
-            }
-        }
-    }
     if !cfg.do_sample {
+        apply_repetition_penalty(logits, seen, cfg.repetition_penalty);
         let mut best = 0;
         for (i, &l) in logits.iter().enumerate() {
             if l > logits[best] {
@@ -126,43 +179,16 @@ pub fn next_token(
         }
         return best as u32;
     }
-    let t = cfg.temperature as f32;
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if cfg.top_k > 0 {
-        idx.truncate(cfg.top_k.max(1));
-    }
-    let max = logits[idx[0]] / t;
-    let mut probs: Vec<f64> = idx
-        .iter()
-        .map(|&i| f64::from(logits[i] / t - max).exp())
-        .collect();
-    let sum: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= sum);
-    if cfg.top_p < 1.0 {
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (n, p) in probs.iter().enumerate() {
-            acc += p;
-            if acc >= cfg.top_p {
-                keep = n + 1;
-                break;
-            }
-        }
-        idx.truncate(keep);
-        probs.truncate(keep);
-        let sum: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-    }
+    let dist = sampling_distribution(logits, seen, cfg);
     let r = sampler.next_f64();
     let mut acc = 0.0;
-    for (n, p) in probs.iter().enumerate() {
+    for &(t, p) in &dist {
         acc += p;
         if r < acc {
-            return idx[n] as u32;
+            return t;
         }
     }
-    idx[idx.len() - 1] as u32
+    dist.last().map_or(0, |d| d.0)
 }
 
 /// Generates after `prompt`, calling `on_token` with each new token as it is produced;

@@ -1,5 +1,6 @@
 //! Logits of every architecture against Hugging Face transformers, on tiny randomly
-//! initialised models saved by `scripts/fixtures/models.py` (f32, eager attention), on
+//! initialised models saved by `scripts/fixtures/models.py` (f32, eager attention; one
+//! saved as bf16 shards), on
 //! every backend compiled in. Greedy decoding with the KV cache must give the tokens
 //! transformers' `generate` gave.
 
@@ -109,6 +110,10 @@ fn mistral<B: AutodiffBackend>(device: &B::Device) {
 fn qwen2<B: AutodiffBackend>(device: &B::Device) {
     check_causal_lm::<B::InnerBackend>("qwen2", device);
 }
+/// bf16 weights in two shards listed by model.safetensors.index.json.
+fn qwen2_bf16_sharded<B: AutodiffBackend>(device: &B::Device) {
+    check_causal_lm::<B::InnerBackend>("qwen2_bf16_sharded", device);
+}
 fn gpt2<B: AutodiffBackend>(device: &B::Device) {
     check_causal_lm::<B::InnerBackend>("gpt2", device);
 }
@@ -136,4 +141,12 @@ fn bert_seq_cls<B: AutodiffBackend>(device: &B::Device) {
     }
 }
 
-peft_testing::backend_tests!(llama_gqa, llama3_rope, mistral, qwen2, gpt2, bert_seq_cls);
+peft_testing::backend_tests!(
+    llama_gqa,
+    llama3_rope,
+    mistral,
+    qwen2,
+    qwen2_bf16_sharded,
+    gpt2,
+    bert_seq_cls
+);
