@@ -7,7 +7,10 @@
 use peft_models::generate::{GenerationConfig, Sampler, next_token, sampling_distribution};
 use serde_json::Value;
 
-fn cases() -> Vec<(GenerationConfig, Vec<f32>, Vec<u32>, Vec<f64>)> {
+/// Settings, logits, seen ids and transformers' probabilities.
+type Case = (GenerationConfig, Vec<f32>, Vec<u32>, Vec<f64>);
+
+fn cases() -> Vec<Case> {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sampling.json");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
