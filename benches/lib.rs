@@ -46,7 +46,7 @@ impl<B: Backend> LinearAdapter<B> for LowRank<B> {
     }
 
     fn merge(
-        &self,
+        &mut self,
         w: Tensor<B, 2>,
         b: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {

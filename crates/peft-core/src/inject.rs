@@ -78,7 +78,7 @@ pub trait LinearAdapter<B: Backend>: Module<B> + ModuleDisplay {
     /// # Errors
     /// [`PeftError::Unsupported`] where the method cannot be merged (the default).
     fn merge(
-        &self,
+        &mut self,
         weight: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
@@ -93,7 +93,7 @@ pub trait LinearAdapter<B: Backend>: Module<B> + ModuleDisplay {
     /// # Errors
     /// [`PeftError::Unsupported`] where the method cannot be unmerged (the default).
     fn unmerge(
-        &self,
+        &mut self,
         weight: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
@@ -196,7 +196,7 @@ impl<B: Backend> LinearAdapter<B> for NoAdapter {
     }
 
     fn merge(
-        &self,
+        &mut self,
         weight: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
@@ -204,7 +204,7 @@ impl<B: Backend> LinearAdapter<B> for NoAdapter {
     }
 
     fn unmerge(
-        &self,
+        &mut self,
         weight: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
@@ -256,7 +256,7 @@ impl<B: Backend, A: LinearAdapter<B>, C: LinearAdapter<B>> LinearAdapter<B> for 
     }
 
     fn merge(
-        &self,
+        &mut self,
         weight: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
@@ -265,7 +265,7 @@ impl<B: Backend, A: LinearAdapter<B>, C: LinearAdapter<B>> LinearAdapter<B> for 
     }
 
     fn unmerge(
-        &self,
+        &mut self,
         weight: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {

@@ -60,7 +60,7 @@ impl<B: Backend> LinearAdapter<B> for LowRank<B> {
     }
 
     fn merge(
-        &self,
+        &mut self,
         w: Tensor<B, 2>,
         b: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
@@ -68,7 +68,7 @@ impl<B: Backend> LinearAdapter<B> for LowRank<B> {
     }
 
     fn unmerge(
-        &self,
+        &mut self,
         w: Tensor<B, 2>,
         b: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
@@ -94,7 +94,7 @@ impl<B: Backend> LinearAdapter<B> for Scale<B> {
     }
 
     fn merge(
-        &self,
+        &mut self,
         w: Tensor<B, 2>,
         b: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
@@ -103,7 +103,7 @@ impl<B: Backend> LinearAdapter<B> for Scale<B> {
     }
 
     fn unmerge(
-        &self,
+        &mut self,
         w: Tensor<B, 2>,
         b: Option<Tensor<B, 1>>,
     ) -> Result<(Tensor<B, 2>, Option<Tensor<B, 1>>)> {
