@@ -75,8 +75,3 @@ pub mod target;
 pub mod trainable;
 
 pub use error::{PeftError, Result};
-
-/// The Rust examples of README.md, compiled and run as doc tests.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-pub struct ReadmeDoctests;

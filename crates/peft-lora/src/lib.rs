@@ -410,3 +410,8 @@ where
     config.save(dir)?;
     Ok(dir.to_path_buf())
 }
+
+/// The Rust examples of README.md, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

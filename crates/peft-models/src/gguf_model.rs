@@ -16,9 +16,10 @@ use crate::AnyCausalLm;
 use crate::config::{LlamaConfig, LlamaFlavor, RopeConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufValue};
-use crate::llama::Llama;
+use crate::llama::LlamaForCausalLM;
 use crate::tokenizer::{GgufTokenizerParts, Tokenizer};
 use crate::weights::WeightSource;
+use peft_core::inject::LinearWeight;
 
 /// Hugging Face name -> GGUF name for the Llama family.
 pub fn hf_to_gguf(name: &str) -> Option<String> {
@@ -257,22 +258,41 @@ pub fn llama_config(file: &GgufFile) -> Result<LlamaConfig> {
     })
 }
 
+/// Loads a Llama-family model with any slot types from a GGUF file.
+///
+/// # Errors
+/// A missing or malformed file, an unsupported architecture or tensor type.
+pub fn load_llama<B, W, A, Sub, Emb, Kv>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<crate::llama::LlamaWith<B, W, A, Sub, Emb, Kv>>
+where
+    B: Backend,
+    W: LinearWeight<B>,
+    A: Default,
+    Sub: Default,
+    Emb: Default,
+    Kv: Default,
+{
+    let file = GgufFile::open(path)?;
+    let config = llama_config(&file)?;
+    // llama.cpp reorders q/k rows only for the `llama` architecture (Mistral is stored as llama).
+    let unpermute = (file.get("general.architecture").and_then(GgufValue::as_str) == Some("llama"))
+        .then_some((
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        ));
+    let mut src = GgufSource::new(&file, unpermute);
+    LlamaForCausalLM::load(&config, &mut src, device)
+}
+
 /// Loads a causal LM from a GGUF file.
 ///
 /// # Errors
 /// A missing or malformed file, an unsupported architecture or tensor type.
 pub fn load_causal_lm<B: Backend>(path: &Path, device: &B::Device) -> Result<AnyCausalLm<B>> {
-    let file = GgufFile::open(path)?;
-    let config = llama_config(&file)?;
-    let unpermute = (config.flavor != LlamaFlavor::Qwen2
-        && file.get("general.architecture").and_then(GgufValue::as_str) == Some("llama"))
-    .then_some((
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-    ));
-    let mut src = GgufSource::new(&file, unpermute);
-    Ok(AnyCausalLm::Llama(Llama::load(&config, &mut src, device)?))
+    Ok(AnyCausalLm::Llama(load_llama(path, device)?))
 }
 
 /// Rebuilds the tokenizer (and chat template) stored in a GGUF file's metadata.

@@ -160,6 +160,48 @@ pub fn smollm2_gguf_path() -> std::path::PathBuf {
         .unwrap_or_else(|| model_cache().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
 }
 
+/// Loads a Llama-family model with any slot types (plain, LoRA, ...) from a Hugging Face
+/// directory or a `.gguf` file.
+///
+/// # Errors
+/// A missing file, another architecture, a missing or mis-shaped tensor, a truncated file.
+pub fn load_llama<B, W, A, Sub, Emb, Kv>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<crate::llama::LlamaWith<B, W, A, Sub, Emb, Kv>>
+where
+    B: Backend,
+    W: peft_core::inject::LinearWeight<B>,
+    A: Default,
+    Sub: Default,
+    Emb: Default,
+    Kv: Default,
+{
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return gguf_model::load_llama(path, device);
+    }
+    if !path.exists() {
+        return Err(ModelError::MissingFile {
+            path: path.to_path_buf(),
+            hint: "give a Hugging Face model directory or a .gguf file".into(),
+        });
+    }
+    match config::ModelConfig::from_dir(path)? {
+        config::ModelConfig::Llama(c) => llama::LlamaForCausalLM::load(
+            &c,
+            &mut weights::SafetensorsSource::open_dir(path)?,
+            device,
+        ),
+        _ => Err(ModelError::InvalidInput(format!(
+            "`{}` is not a Llama-family model",
+            path.display()
+        ))),
+    }
+}
+
 /// Loads a causal LM from a Hugging Face directory or a `.gguf` file.
 ///
 /// # Errors

@@ -102,6 +102,10 @@ pub struct LlamaForCausalLM<B: Backend, Lin, Sub, Emb, Kv> {
     pub config: LlamaConfig,
 }
 
+/// A Llama whose linear layers hold weight storage `W` and adapter slot `A`.
+pub type LlamaWith<B, W, A, Sub, Emb, Kv> =
+    LlamaForCausalLM<B, AdaptedLinear<B, W, A>, Sub, Emb, Kv>;
+
 /// A plain Llama (dense weights, no adapters).
 pub type Llama<B> = LlamaForCausalLM<
     B,
