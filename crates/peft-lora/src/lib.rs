@@ -415,3 +415,8 @@ where
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 pub struct ReadmeDoctests;
+
+/// The Rust examples of docs/lora.md, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/lora.md")]
+pub struct LoraGuideDoctests;

@@ -234,3 +234,8 @@ pub fn load_causal_lm<B: Backend>(path: &Path, device: &B::Device) -> Result<Any
         ))),
     }
 }
+
+/// The Rust examples of docs/models.md, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/models.md")]
+pub struct ModelsGuideDoctests;
