@@ -34,6 +34,9 @@ enum Command {
     /// Print a model's architecture, parameter count and the module paths PEFT methods can
     /// target.
     Inspect(models::InspectArgs),
+    /// Merge adapters into a base model (Hugging Face directory or GGUF) and write a
+    /// Hugging Face directory that transformers loads.
+    Merge(models::MergeArgs),
     /// Describe an adapter directory (adapter_config.json + adapter_model.safetensors):
     /// its method, targets, adapted modules and parameter count, checking that the tensors
     /// agree with the config.
@@ -161,6 +164,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => models::generate(a),
         Command::Logits(a) => models::logits(a),
         Command::Inspect(a) => models::inspect(a),
+        Command::Merge(a) => models::merge(a),
         Command::InspectAdapter { dir, json } => inspect_adapter(dir, *json),
     };
     match result {

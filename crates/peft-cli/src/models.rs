@@ -9,9 +9,12 @@ use burn::tensor::TensorData;
 use clap::{Args, ValueEnum};
 use peft_core::model::AdaptableModel;
 use peft_core::target::ModuleKind;
+use peft_lora::{LoraGpt2, LoraLlama, LoraSlot};
+use peft_models::config::ModelConfig;
 use peft_models::generate::GenerationConfig;
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
-use peft_models::{AnyCausalLm, CausalLm, ForwardInput};
+use peft_models::weights::SafetensorsSource;
+use peft_models::{AnyCausalLm, CausalLm, ForwardInput, KvCache};
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -61,6 +64,12 @@ pub struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// An adapter directory in the PEFT format (repeatable; all are active together).
+    #[arg(long = "adapter")]
+    pub adapters: Vec<PathBuf>,
+    /// Merge the adapters into the weights before running.
+    #[arg(long)]
+    pub merge: bool,
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
@@ -78,9 +87,29 @@ pub struct LogitsArgs {
     /// The output safetensors file.
     #[arg(long)]
     pub out: PathBuf,
+    /// An adapter directory in the PEFT format (repeatable; all are active together).
+    #[arg(long = "adapter")]
+    pub adapters: Vec<PathBuf>,
+    /// Merge the adapters into the weights before running.
+    #[arg(long)]
+    pub merge: bool,
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
+}
+
+/// Arguments of `peft merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// The base model: a Hugging Face directory or a .gguf file (Llama family).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// An adapter directory in the PEFT format (repeatable; merged in order).
+    #[arg(long = "adapter", required = true)]
+    pub adapters: Vec<PathBuf>,
+    /// The output Hugging Face directory (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// Arguments of `peft inspect`.
@@ -134,6 +163,86 @@ macro_rules! with_backend {
     }};
 }
 
+/// A causal LM with LoRA slots on its linear layers (empty when no adapter is given).
+pub enum Lm<B: Backend> {
+    /// Llama family.
+    Llama(Box<LoraLlama<B>>),
+    /// GPT-2.
+    Gpt2(Box<LoraGpt2<B>>),
+}
+
+impl<B: Backend> CausalLm<B> for Lm<B> {
+    fn forward(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        match self {
+            Self::Llama(m) => m.forward(input, cache),
+            Self::Gpt2(m) => m.forward(input, cache),
+        }
+    }
+    fn new_cache(&self) -> KvCache<B> {
+        match self {
+            Self::Llama(m) => m.new_cache(),
+            Self::Gpt2(m) => m.new_cache(),
+        }
+    }
+    fn vocab_size(&self) -> usize {
+        match self {
+            Self::Llama(m) => m.vocab_size(),
+            Self::Gpt2(m) => m.vocab_size(),
+        }
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        match self {
+            Self::Llama(m) => m.eos_token_ids(),
+            Self::Gpt2(m) => m.eos_token_ids(),
+        }
+    }
+}
+
+fn attach<B, M>(model: &mut M, adapters: &[PathBuf], merge: bool, device: &B::Device) -> Result<()>
+where
+    B: Backend,
+    M: AdaptableModel<B, Weight = burn::nn::Linear<B>, Linear = LoraSlot<B>>,
+{
+    let mut names = Vec::new();
+    for (i, dir) in adapters.iter().enumerate() {
+        let name = format!("adapter{i}");
+        peft_lora::load_adapter(model, dir, &name, device)
+            .with_context(|| format!("loading the adapter in {}", dir.display()))?;
+        names.push(name);
+    }
+    if !names.is_empty() {
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        peft_core::model::set_active_adapters(model, &refs)?;
+        if merge {
+            peft_core::model::merge_adapters(model, None, true)?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads a model (HF directory or GGUF) with the given adapters attached.
+pub fn load_lm<B: Backend>(
+    path: &Path,
+    adapters: &[PathBuf],
+    merge: bool,
+    device: &B::Device,
+) -> Result<Lm<B>> {
+    if !is_gguf(path)
+        && path.is_dir()
+        && matches!(ModelConfig::from_dir(path)?, ModelConfig::Gpt2(_))
+    {
+        let ModelConfig::Gpt2(cfg) = ModelConfig::from_dir(path)? else {
+            unreachable!()
+        };
+        let mut m = LoraGpt2::<B>::load(&cfg, &mut SafetensorsSource::open_dir(path)?, device)?;
+        attach(&mut m, adapters, merge, device)?;
+        return Ok(Lm::Gpt2(Box::new(m)));
+    }
+    let mut m: LoraLlama<B> = peft_models::load_llama(path, device)?;
+    attach(&mut m, adapters, merge, device)?;
+    Ok(Lm::Llama(Box::new(m)))
+}
+
 fn is_gguf(path: &Path) -> bool {
     path.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
@@ -153,7 +262,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
 }
 
 fn generate_on<B: Backend>(a: &GenerateArgs, device: &B::Device) -> Result<()> {
-    let model: AnyCausalLm<B> = peft_models::load_causal_lm(&a.model, device)?;
+    let model = load_lm::<B>(&a.model, &a.adapters, a.merge, device)?;
     let tokenizer = load_tokenizer(&a.model)?;
     let ids = if a.chat {
         let mut msgs = Vec::new();
@@ -220,7 +329,7 @@ pub fn logits(a: &LogitsArgs) -> Result<()> {
 }
 
 fn logits_on<B: Backend>(a: &LogitsArgs, ids: &[i32], device: &B::Device) -> Result<()> {
-    let model: AnyCausalLm<B> = peft_models::load_causal_lm(&a.model, device)?;
+    let model = load_lm::<B>(&a.model, &a.adapters, a.merge, device)?;
     let vocab = model.vocab_size();
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
         bail!("token id {bad} is outside the vocabulary (size {vocab})");
@@ -235,6 +344,48 @@ fn logits_on<B: Backend>(a: &LogitsArgs, ids: &[i32], device: &B::Device) -> Res
         .convert::<f32>();
     peft_core::format::TensorFile::write(&a.out, vec![("logits".to_string(), logits)])?;
     println!("wrote logits [{n}, {vocab}] to {}", a.out.display());
+    Ok(())
+}
+
+/// `peft merge`: merges adapters into a Llama-family base and writes a Hugging Face
+/// directory that transformers loads.
+pub fn merge(a: &MergeArgs) -> Result<()> {
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    let Lm::Llama(model) = load_lm::<B>(&a.model, &a.adapters, true, &device)? else {
+        bail!(
+            "`peft merge` writes Llama-family models; {} is GPT-2",
+            a.model.display()
+        );
+    };
+    let tokenizer = load_tokenizer(&a.model).ok();
+    if tokenizer.is_none() {
+        tracing::warn!(
+            "no tokenizer found next to {}; the output has none",
+            a.model.display()
+        );
+    }
+    peft_models::export::save_llama_hf(&model, tokenizer.as_ref(), &a.out)?;
+    if !is_gguf(&a.model) {
+        for f in [
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "generation_config.json",
+        ] {
+            let src = a.model.join(f);
+            if src.exists() {
+                std::fs::copy(&src, a.out.join(f))
+                    .with_context(|| format!("copying {}", src.display()))?;
+            }
+        }
+    }
+    println!(
+        "merged {} adapter(s) into {}; wrote {}",
+        a.adapters.len(),
+        a.model.display(),
+        a.out.display()
+    );
     Ok(())
 }
 

@@ -227,3 +227,119 @@ fn generate_with_smollm2_gives_transformers_answer() {
         reference["greedy_text"].as_str().unwrap()
     );
 }
+
+fn lora_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../peft-lora/tests/fixtures")
+        .join(name)
+}
+
+fn run_logits(
+    model: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+    out: &std::path::Path,
+) -> Vec<f32> {
+    let res = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["logits", "--ids", "1,17,42,99,5,63,120", "--model"])
+        .arg(model)
+        .args(extra)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    read_f32(out, "logits").1
+}
+
+#[test]
+fn adapters_and_merge_give_peft_logits() {
+    // The adapters and their logits were saved by Python's peft (scripts/fixtures/lora.py).
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("l.safetensors");
+    for (adapter, merge) in [
+        ("lora_llama", false),
+        ("lora_llama", true),
+        ("dora_llama", true),
+        ("rslora_llama", false),
+    ] {
+        let a = lora_fixture(adapter);
+        let mut extra: Vec<&std::ffi::OsStr> = vec!["--adapter".as_ref(), a.as_os_str()];
+        if merge {
+            extra.push("--merge".as_ref());
+        }
+        let got = run_logits(&models_fixture("llama_gqa"), &extra, &out);
+        let (_, expected) = read_f32(&lora_fixture(adapter).join("logits.safetensors"), "logits");
+        let diff = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{adapter} merge={merge}: {diff}");
+    }
+}
+
+#[test]
+fn merge_writes_a_model_with_the_adapter_folded_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let merged = dir.path().join("merged");
+    let res = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["merge", "--model"])
+        .arg(models_fixture("llama_gqa"))
+        .arg("--adapter")
+        .arg(lora_fixture("lora_llama"))
+        .arg("--out")
+        .arg(&merged)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        assert!(merged.join(f).exists(), "{f} missing");
+    }
+    let got = run_logits(&merged, &[], &dir.path().join("l.safetensors"));
+    let (_, expected) = read_f32(
+        &lora_fixture("lora_llama").join("logits.safetensors"),
+        "logits",
+    );
+    let diff = got
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-4, "merged model vs peft with the adapter: {diff}");
+}
+
+#[test]
+fn an_adapter_for_another_model_says_which_shapes_disagree() {
+    // lora_gpt2 targets c_attn/c_proj/c_fc, which a Llama does not have.
+    let res = Command::cargo_bin("peft")
+        .unwrap()
+        .args([
+            "logits",
+            "--ids",
+            "1,2",
+            "--out",
+            "/tmp/never.safetensors",
+            "--model",
+        ])
+        .arg(models_fixture("llama_gqa"))
+        .arg("--adapter")
+        .arg(lora_fixture("lora_gpt2"))
+        .output()
+        .unwrap();
+    assert!(!res.status.success());
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(
+        err.contains("c_attn") && err.contains("matched no module"),
+        "{err}"
+    );
+}

@@ -28,6 +28,7 @@
 pub mod bert;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_model;
