@@ -183,15 +183,22 @@ fn walk_group(group: &Path, dir: &Path) -> Result<()> {
         params.push(String::new());
     }
     let funcs = subdirs(dir, &["baseline", "report"]);
-    for p in &params {
-        let Some(b) = mean_ns(&base.join(p).join("new/estimates.json")) else {
-            continue;
-        };
-        for f in &funcs {
+    // One baseline per parameter, or a single baseline for every candidate parameter.
+    let single = (params.len() == 1).then(|| params[0].clone());
+    for f in &funcs {
+        let mut fparams = subdirs(&dir.join(f), &["report", "new", "base", "change"]);
+        if fparams.is_empty() {
+            fparams.push(String::new());
+        }
+        for p in &fparams {
+            let bp = single.clone().unwrap_or_else(|| p.clone());
+            let Some(b) = mean_ns(&base.join(&bp).join("new/estimates.json")) else {
+                continue;
+            };
             let Some(t) = mean_ns(&dir.join(f).join(p).join("new/estimates.json")) else {
                 continue;
             };
-            let name = if p.is_empty() {
+            let name = if p.is_empty() || single.is_some() && p == &bp {
                 group_name.clone()
             } else {
                 format!("{group_name}/{p}")
