@@ -314,10 +314,18 @@ impl<B: Backend, A: KvAdapter<B>, C: KvAdapter<B>> KvAdapter<B> for (A, C) {
     }
 }
 
+/// `t^T` laid out contiguously. A transposed view as a linear layer's weight made the CPU
+/// matmul about 2x slower (width 2048, flex, `cargo xtask bench lora`), so weights are
+/// copied into burn's `[in, out]` layout once, when they are stored.
+fn contiguous_transpose<B: Backend>(t: Tensor<B, 2>) -> Tensor<B, 2> {
+    let device = t.device();
+    Tensor::from_data(t.transpose().into_data(), &device)
+}
+
 impl<B: Backend> LinearWeight<B> for burn::nn::Linear<B> {
     fn from_dense(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
         burn::nn::Linear {
-            weight: burn::module::Param::from_tensor(weight.transpose()),
+            weight: burn::module::Param::from_tensor(contiguous_transpose(weight)),
             bias: bias.map(burn::module::Param::from_tensor),
         }
     }
@@ -354,7 +362,7 @@ impl<B: Backend> LinearWeight<B> for burn::nn::Linear<B> {
         let rg = self.weight.is_require_grad();
         self.weight = burn::module::Param::initialized(
             self.weight.id,
-            weight.transpose().detach().set_require_grad(rg),
+            contiguous_transpose(weight.detach()).set_require_grad(rg),
         );
         match (&mut self.bias, bias) {
             (Some(old), Some(new)) => {

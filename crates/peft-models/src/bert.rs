@@ -218,10 +218,10 @@ where
             let w: Tensor<B, 2> =
                 Tensor::from_data(src.take("classifier.weight", &[c.num_labels, d])?, device);
             let b = src.take("classifier.bias", &[c.num_labels])?;
-            Some(burn::nn::Linear {
-                weight: Param::from_tensor(w.transpose()),
-                bias: Some(Param::from_data(b, device)),
-            })
+            Some(<burn::nn::Linear<B> as LinearWeight<B>>::from_dense(
+                w,
+                Some(Tensor::from_data(b, device)),
+            ))
         } else {
             None
         };
