@@ -8,9 +8,11 @@
 
 use burn::prelude::*;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use peft_benches::{LowRank, sync};
-use peft_core::adapters::{AdaptedLinear, AdapterControl, AdapterSet};
+use peft_benches::sync;
+use peft_core::adapters::{AdaptedLinear, AdapterControl};
+use peft_core::config::LoraFields;
 use peft_core::inject::NoAdapter;
+use peft_lora::{LoraLayer, LoraSlot};
 
 const TOKENS: usize = 64;
 
@@ -26,11 +28,14 @@ fn group<B: Backend>(c: &mut Criterion, backend: &str) {
             &device,
         );
         let empty: AdaptedLinear<B, _, NoAdapter> = AdaptedLinear::new(linear.clone());
-        let mut disabled: AdaptedLinear<B, _, AdapterSet<B, LowRank<B>>> =
-            AdaptedLinear::new(linear.clone());
+        let mut disabled: AdaptedLinear<B, _, LoraSlot<B>> = AdaptedLinear::new(linear.clone());
         disabled
             .adapter
-            .insert("a", LowRank::new(16, width, width, &device))
+            .insert(
+                "a",
+                LoraLayer::new(&linear, 16, 2.0, &LoraFields::default(), &device)
+                    .unwrap_or_else(|e| panic!("{e}")),
+            )
             .unwrap_or_else(|e| panic!("{e}"));
         disabled.adapter.set_disabled(true);
 

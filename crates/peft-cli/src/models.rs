@@ -9,12 +9,10 @@ use burn::tensor::TensorData;
 use clap::{Args, ValueEnum};
 use peft_core::model::AdaptableModel;
 use peft_core::target::ModuleKind;
-use peft_lora::{LoraGpt2, LoraLlama, LoraSlot};
-use peft_models::config::ModelConfig;
+use peft_lora::LoraSlot;
 use peft_models::generate::GenerationConfig;
 use peft_models::tokenizer::{ChatMessage, Tokenizer};
-use peft_models::weights::SafetensorsSource;
-use peft_models::{AnyCausalLm, CausalLm, ForwardInput, KvCache};
+use peft_models::{AnyCausalLm, CausalLm, ForwardInput};
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -64,15 +62,23 @@ pub struct GenerateArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Adapters to run with.
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+}
+
+/// `--adapter DIR` (repeatable) and `--merge`, shared by the commands that run a model.
+#[derive(Args, Debug)]
+pub struct AdapterArgs {
     /// An adapter directory in the PEFT format (repeatable; all are active together).
     #[arg(long = "adapter")]
     pub adapters: Vec<PathBuf>,
     /// Merge the adapters into the weights before running.
     #[arg(long)]
     pub merge: bool,
-    /// Where to run.
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    pub device: Device,
 }
 
 /// Arguments of `peft logits`.
@@ -87,12 +93,9 @@ pub struct LogitsArgs {
     /// The output safetensors file.
     #[arg(long)]
     pub out: PathBuf,
-    /// An adapter directory in the PEFT format (repeatable; all are active together).
-    #[arg(long = "adapter")]
-    pub adapters: Vec<PathBuf>,
-    /// Merge the adapters into the weights before running.
-    #[arg(long)]
-    pub merge: bool,
+    /// Adapters to run with.
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
     /// Where to run.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     pub device: Device,
@@ -164,39 +167,7 @@ macro_rules! with_backend {
 }
 
 /// A causal LM with LoRA slots on its linear layers (empty when no adapter is given).
-pub enum Lm<B: Backend> {
-    /// Llama family.
-    Llama(Box<LoraLlama<B>>),
-    /// GPT-2.
-    Gpt2(Box<LoraGpt2<B>>),
-}
-
-impl<B: Backend> CausalLm<B> for Lm<B> {
-    fn forward(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        match self {
-            Self::Llama(m) => m.forward(input, cache),
-            Self::Gpt2(m) => m.forward(input, cache),
-        }
-    }
-    fn new_cache(&self) -> KvCache<B> {
-        match self {
-            Self::Llama(m) => m.new_cache(),
-            Self::Gpt2(m) => m.new_cache(),
-        }
-    }
-    fn vocab_size(&self) -> usize {
-        match self {
-            Self::Llama(m) => m.vocab_size(),
-            Self::Gpt2(m) => m.vocab_size(),
-        }
-    }
-    fn eos_token_ids(&self) -> Vec<u32> {
-        match self {
-            Self::Llama(m) => m.eos_token_ids(),
-            Self::Gpt2(m) => m.eos_token_ids(),
-        }
-    }
-}
+pub type Lm<B> = AnyCausalLm<B, LoraSlot<B>>;
 
 fn attach<B, M>(model: &mut M, adapters: &[PathBuf], merge: bool, device: &B::Device) -> Result<()>
 where
@@ -227,20 +198,12 @@ pub fn load_lm<B: Backend>(
     merge: bool,
     device: &B::Device,
 ) -> Result<Lm<B>> {
-    if !is_gguf(path)
-        && path.is_dir()
-        && matches!(ModelConfig::from_dir(path)?, ModelConfig::Gpt2(_))
-    {
-        let ModelConfig::Gpt2(cfg) = ModelConfig::from_dir(path)? else {
-            unreachable!()
-        };
-        let mut m = LoraGpt2::<B>::load(&cfg, &mut SafetensorsSource::open_dir(path)?, device)?;
-        attach(&mut m, adapters, merge, device)?;
-        return Ok(Lm::Gpt2(Box::new(m)));
+    let mut model: Lm<B> = peft_models::load_causal_lm_with(path, device)?;
+    match &mut model {
+        Lm::Llama(m) => attach(m, adapters, merge, device)?,
+        Lm::Gpt2(m) => attach(m, adapters, merge, device)?,
     }
-    let mut m: LoraLlama<B> = peft_models::load_llama(path, device)?;
-    attach(&mut m, adapters, merge, device)?;
-    Ok(Lm::Llama(Box::new(m)))
+    Ok(model)
 }
 
 fn is_gguf(path: &Path) -> bool {
@@ -262,7 +225,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
 }
 
 fn generate_on<B: Backend>(a: &GenerateArgs, device: &B::Device) -> Result<()> {
-    let model = load_lm::<B>(&a.model, &a.adapters, a.merge, device)?;
+    let model = load_lm::<B>(&a.model, &a.adapters.adapters, a.adapters.merge, device)?;
     let tokenizer = load_tokenizer(&a.model)?;
     let ids = if a.chat {
         let mut msgs = Vec::new();
@@ -329,7 +292,7 @@ pub fn logits(a: &LogitsArgs) -> Result<()> {
 }
 
 fn logits_on<B: Backend>(a: &LogitsArgs, ids: &[i32], device: &B::Device) -> Result<()> {
-    let model = load_lm::<B>(&a.model, &a.adapters, a.merge, device)?;
+    let model = load_lm::<B>(&a.model, &a.adapters.adapters, a.adapters.merge, device)?;
     let vocab = model.vocab_size();
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
         bail!("token id {bad} is outside the vocabulary (size {vocab})");

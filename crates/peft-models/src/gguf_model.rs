@@ -12,7 +12,6 @@ use std::path::Path;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
-use crate::AnyCausalLm;
 use crate::config::{LlamaConfig, LlamaFlavor, RopeConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, GgufValue};
@@ -285,14 +284,6 @@ where
         ));
     let mut src = GgufSource::new(&file, unpermute);
     LlamaForCausalLM::load(&config, &mut src, device)
-}
-
-/// Loads a causal LM from a GGUF file.
-///
-/// # Errors
-/// A missing or malformed file, an unsupported architecture or tensor type.
-pub fn load_causal_lm<B: Backend>(path: &Path, device: &B::Device) -> Result<AnyCausalLm<B>> {
-    Ok(AnyCausalLm::Llama(load_llama(path, device)?))
 }
 
 /// Rebuilds the tokenizer (and chat template) stored in a GGUF file's metadata.

@@ -41,6 +41,8 @@ pub mod weights;
 use std::path::Path;
 
 use burn::prelude::*;
+use peft_core::adapters::{AdaptedLinear, LinearAdapterControl};
+use peft_core::inject::NoAdapter;
 
 pub use error::{ModelError, Result};
 
@@ -107,16 +109,17 @@ pub trait CausalLm<B: Backend> {
     fn eos_token_ids(&self) -> Vec<u32>;
 }
 
-/// A causal language model of any supported architecture, with dense weights and no adapters.
+/// A causal language model of any supported architecture, with dense weights and the
+/// adapter slot `A` on every linear layer (none by default; `peft_lora::LoraSlot` for LoRA).
 #[derive(Debug)]
-pub enum AnyCausalLm<B: Backend> {
+pub enum AnyCausalLm<B: Backend, A = NoAdapter> {
     /// Llama family.
-    Llama(llama::Llama<B>),
+    Llama(llama::LlamaWith<B, burn::nn::Linear<B>, A, NoAdapter, NoAdapter, NoAdapter>),
     /// GPT-2.
-    Gpt2(gpt2::Gpt2<B>),
+    Gpt2(gpt2::Gpt2LMHeadModel<B, AdaptedLinear<B, burn::nn::Linear<B>, A>, NoAdapter>),
 }
 
-impl<B: Backend> CausalLm<B> for AnyCausalLm<B> {
+impl<B: Backend, A: LinearAdapterControl<B>> CausalLm<B> for AnyCausalLm<B, A> {
     fn forward(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         match self {
             Self::Llama(m) => m.forward(input, cache),
@@ -208,11 +211,23 @@ where
 /// # Errors
 /// A missing file, an unknown architecture, a missing or mis-shaped tensor, a truncated file.
 pub fn load_causal_lm<B: Backend>(path: &Path, device: &B::Device) -> Result<AnyCausalLm<B>> {
+    load_causal_lm_with(path, device)
+}
+
+/// Loads a causal LM with the (empty) adapter slot `A` on its linear layers, from a
+/// Hugging Face directory or a `.gguf` file; reads `config.json` once.
+///
+/// # Errors
+/// As [`load_causal_lm`].
+pub fn load_causal_lm_with<B: Backend, A: Default>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<AnyCausalLm<B, A>> {
     if path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        return gguf_model::load_causal_lm(path, device);
+        return Ok(AnyCausalLm::Llama(gguf_model::load_llama(path, device)?));
     }
     if !path.exists() {
         return Err(ModelError::MissingFile {
@@ -223,12 +238,12 @@ pub fn load_causal_lm<B: Backend>(path: &Path, device: &B::Device) -> Result<Any
     let config = config::ModelConfig::from_dir(path)?;
     let mut src = weights::SafetensorsSource::open_dir(path)?;
     match config {
-        config::ModelConfig::Llama(c) => Ok(AnyCausalLm::Llama(llama::Llama::load(
+        config::ModelConfig::Llama(c) => Ok(AnyCausalLm::Llama(llama::LlamaForCausalLM::load(
             &c, &mut src, device,
         )?)),
-        config::ModelConfig::Gpt2(c) => {
-            Ok(AnyCausalLm::Gpt2(gpt2::Gpt2::load(&c, &mut src, device)?))
-        }
+        config::ModelConfig::Gpt2(c) => Ok(AnyCausalLm::Gpt2(gpt2::Gpt2LMHeadModel::load(
+            &c, &mut src, device,
+        )?)),
         config::ModelConfig::Bert(_) => Err(ModelError::InvalidInput(format!(
             "`{}` is a BERT encoder, not a causal language model; load it with bert::BertForSequenceClassification",
             path.display()
