@@ -55,6 +55,7 @@
 //! ## Modules
 //!
 //! - [`inject`]: the injection-point traits and the slot bundle.
+//! - [`linalg`]: a small f64 SVD on the CPU (PiSSA, SVD-based adapter combination).
 //! - [`adapters`]: named adapters ([`adapters::AdapterSet`]) and [`adapters::AdaptedLinear`].
 //! - [`model`]: the trait a model implements so methods can find and change its layers,
 //!   and model-wide adapter operations (activate, disable, merge, delete).
@@ -70,6 +71,7 @@ pub mod config;
 pub mod error;
 pub mod format;
 pub mod inject;
+pub mod linalg;
 pub mod model;
 pub mod target;
 pub mod trainable;
