@@ -151,7 +151,8 @@ fn lora_gpt2<B: AutodiffBackend>(device: &B::Device) {
 
 peft_testing::backend_tests!(lora_llama, rslora_llama, dora_llama, lora_gpt2);
 
-/// The other direction: adapters made here, for Python's peft to load
+/// The other direction: adapters made here (plain LoRA, rsLoRA with patterns, DoRA, LoRA
+/// on the embeddings with `modules_to_save = ["lm_head"]`, `lora_bias`), for Python's peft to load
 /// (`scripts/fixtures/check_lora_export.py` loads them and compares its logits with the
 /// ones written here). Runs only when `PEFT_LORA_EXPORT` names an output directory.
 #[test]
@@ -178,6 +179,60 @@ fn export_for_python() {
             r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 4, "use_dora": true, "target_modules": ["q_proj", "up_proj"], "init_lora_weights": false, "task_type": "CAUSAL_LM"}"#,
         ),
     ];
+    // LoRA on the embeddings and q_proj with a trained lm_head (modules_to_save), and
+    // lora_bias: the whole-module entry points.
+    let full = [
+        (
+            "embedding_modules_to_save",
+            r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "q_proj"], "modules_to_save": ["lm_head"], "init_lora_weights": false, "task_type": "CAUSAL_LM"}"#,
+        ),
+        (
+            "lora_bias",
+            r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["v_proj", "up_proj"], "lora_bias": true, "init_lora_weights": false, "task_type": "CAUSAL_LM"}"#,
+        ),
+    ];
+    for (name, json) in full {
+        use peft_lora::LoraModel;
+        let cfg = AdapterConfig::<LoraFields>::from_json_str(json)
+            .unwrap()
+            .with_base_model("llama_gqa");
+        let dir = models_fixture("llama_gqa");
+        let ModelConfig::Llama(mc) = ModelConfig::from_dir(&dir).unwrap() else {
+            panic!()
+        };
+        let mut m = peft_lora::LoraLlamaWithEmbedding::<B>::load(
+            &mc,
+            &mut SafetensorsSource::open_dir(&dir).unwrap(),
+            &device,
+        )
+        .unwrap();
+        peft_lora::add_adapter_full(&mut m, "default", &cfg.method, &device).unwrap();
+        // Train the head a little (a fixed change), so saving it matters.
+        if cfg.method.modules_to_save.is_some() {
+            let head = m.module_tensors("lm_head").remove(0).1;
+            let moved: Vec<f32> = head
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v * 1.1 + (i % 7) as f32 * 1e-3)
+                .collect();
+            m.set_module_tensor(
+                "lm_head",
+                "weight",
+                TensorData::new(moved, head.shape.clone()),
+            )
+            .unwrap();
+        }
+        let out_dir = out.join(name);
+        peft_lora::save_adapter_full(&m, "default", &cfg, &out_dir).unwrap();
+        let l = logits(&m, &device);
+        peft_core::format::TensorFile::write(
+            out_dir.join("burn_logits.safetensors"),
+            vec![("logits".into(), TensorData::new(l, [SEQ.len(), 256]))],
+        )
+        .unwrap();
+    }
     for (name, json) in configs {
         let cfg = AdapterConfig::<LoraFields>::from_json_str(json)
             .unwrap()
