@@ -6,12 +6,23 @@
 //! training. `s = alpha / r`, or `alpha / sqrt(r)` with rsLoRA (Kalajdzievski, 2023,
 //! <https://arxiv.org/abs/2312.03732>). DoRA (Liu et al., 2024,
 //! <https://arxiv.org/abs/2402.09353>) rescales each output row of `W + s B A` to a learned
-//! magnitude `m`, the row norm detached from the gradient, as peft does.
+//! magnitude `m`, the row norm detached from the gradient, as peft does. PiSSA (Meng et al.,
+//! 2024, <https://arxiv.org/abs/2404.02948>) starts `s B A` at the leading `r` singular
+//! triplets of `W` and keeps the residual as the base.
+//!
+//! Also as in peft: `lora_bias` (a bias on `B`), trainable base biases (`bias = "all"` /
+//! `"lora_only"`, see [`trainable_policy`]), LoRA on the token embeddings
+//! ([`LoraEmbedding`], `s * (B A)^T` added to the looked-up rows), `modules_to_save`, and
+//! new adapters combined from existing ones ([`add_weighted_adapter`]: linear, cat, svd).
 //!
 //! Adapters are read and written in peft's format (`adapter_config.json` with
 //! [`peft_core::config::LoraFields`], `adapter_model.safetensors` with `lora_A.weight`,
-//! `lora_B.weight`, `lora_magnitude_vector`), with peft's target selection, `rank_pattern`
-//! and `alpha_pattern`.
+//! `lora_B.weight`, `lora_B.bias`, `lora_magnitude_vector`, `lora_embedding_A` /
+//! `lora_embedding_B`, `base_layer.bias`, whole modules), with peft's target selection,
+//! `rank_pattern` and `alpha_pattern`. [`add_adapter`], [`load_adapter`] and
+//! [`save_adapter`] take any model through its linear layers; [`add_adapter_full`],
+//! [`load_adapter_full`] and [`save_adapter_full`] also reach embeddings and whole modules
+//! of a [`LoraModel`] (the Llama family, GPT-2).
 //!
 //! ```no_run
 //! use burn::backend::NdArray;
