@@ -229,9 +229,10 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
         let n = ids.len();
         let ids =
             Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), device).unsqueeze::<2>();
-        let logits = model.forward(ForwardInput::new(ids), Some(&mut cache));
-        let [_, s, v] = logits.dims();
-        let last = logits.slice([0..1, s - 1..s, 0..v]);
+        // Only the last position's logits are needed: project just its hidden state.
+        let hidden = model.hidden(ForwardInput::new(ids), Some(&mut cache));
+        let [_, s, d] = hidden.dims();
+        let last = model.logits(hidden.slice([0..1, s - 1..s, 0..d]));
         let mut row: Vec<f32> = last
             .into_data()
             .convert::<f32>()
@@ -245,6 +246,94 @@ pub fn generate<B: Backend, M: CausalLm<B>>(
             break;
         }
         input = vec![t];
+    }
+    Ok(out)
+}
+
+/// Greedy decoding of several prompts at once, left-padded into one batch with a padding
+/// mask, with a KV cache. Returns each prompt's new tokens (up to and including the first
+/// end-of-sequence token of `eos`, or `max_new_tokens` of them).
+///
+/// Rotary position embeddings depend only on the distance between positions, and padding
+/// is masked out of attention, so each answer is the one [`generate`] gives for that prompt
+/// alone (up to floating-point rounding); a batch reads the weights once per step for all
+/// prompts, which is what makes it faster.
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] for an empty prompt or an id outside the vocabulary.
+pub fn greedy_batch<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    eos: &[u32],
+    pad: u32,
+    device: &B::Device,
+) -> Result<Vec<Vec<u32>>> {
+    let vocab = model.vocab_size();
+    for p in prompts {
+        if p.is_empty() {
+            return Err(ModelError::InvalidInput("a prompt is empty".into()));
+        }
+        if let Some(bad) = p.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+    }
+    let batch = prompts.len();
+    let mut out = vec![Vec::new(); batch];
+    if batch == 0 || max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut padding: Vec<Vec<bool>> = prompts
+        .iter()
+        .map(|p| {
+            std::iter::repeat_n(false, len - p.len())
+                .chain(std::iter::repeat_n(true, p.len()))
+                .collect()
+        })
+        .collect();
+    let mut input: Vec<i32> = prompts
+        .iter()
+        .flat_map(|p| {
+            std::iter::repeat_n(pad as i32, len - p.len()).chain(p.iter().map(|&t| t as i32))
+        })
+        .collect();
+    let mut step_len = len;
+    let mut done = vec![false; batch];
+    let mut cache = model.new_cache();
+    for _ in 0..max_new_tokens {
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [batch, step_len]), device);
+        let hidden = model.hidden(
+            ForwardInput {
+                ids,
+                padding: Some(&padding),
+            },
+            Some(&mut cache),
+        );
+        let [_, s, d] = hidden.dims();
+        let logits = model.logits(hidden.slice([0..batch, s - 1..s, 0..d]));
+        let next: Vec<i64> = logits
+            .argmax(2)
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .map_err(|e| ModelError::InvalidInput(format!("{e:?}")))?;
+        input = Vec::with_capacity(batch);
+        for (b, &t) in next.iter().enumerate() {
+            let t = t as u32;
+            if !done[b] {
+                out[b].push(t);
+                done[b] = eos.contains(&t);
+            }
+            input.push(if done[b] { pad as i32 } else { t as i32 });
+            padding[b].push(true);
+        }
+        step_len = 1;
+        if done.iter().all(|&d| d) {
+            break;
+        }
     }
     Ok(out)
 }

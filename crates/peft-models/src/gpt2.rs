@@ -174,7 +174,7 @@ where
     A: LinearAdapterControl<B>,
     Sub: SublayerAdapter<B>,
 {
-    fn forward(
+    fn hidden(
         &self,
         input: ForwardInput<'_, B>,
         mut cache: Option<&mut KvCache<B>>,
@@ -184,8 +184,25 @@ where
         let device = input.ids.device();
         let [batch, seq] = input.ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len);
-        let pos =
-            Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, &device).unsqueeze::<2>();
+        // Learned absolute positions count real tokens only, as transformers' position ids
+        // from the attention mask (`cumsum - 1`), so left padding does not shift them.
+        let pos = match input.padding {
+            None => Tensor::<B, 1, Int>::arange(past as i64..(past + seq) as i64, &device)
+                .unsqueeze::<2>()
+                .repeat_dim(0, batch),
+            Some(p) => {
+                let mut v = Vec::with_capacity(batch * seq);
+                for row in p {
+                    let mut real = row.iter().take(past).filter(|&&r| r).count() as i64;
+                    for i in past..past + seq {
+                        let is_real = row.get(i).copied().unwrap_or(true);
+                        v.push(if is_real { real } else { 0 });
+                        real += i64::from(is_real);
+                    }
+                }
+                Tensor::<B, 2, Int>::from_data(TensorData::new(v, [batch, seq]), &device)
+            }
+        };
         let mut h = t.wte.forward(input.ids) + t.wpe.forward(pos);
         let mask = (seq > 1 || input.padding.is_some())
             .then(|| attention_mask::<B>(batch, seq, past, 0, true, input.padding, &device));
@@ -218,9 +235,11 @@ where
         if let Some(cache) = cache {
             cache.len += seq;
         }
-        t.ln_f
-            .forward(h)
-            .matmul(t.wte.weight.val().transpose().unsqueeze())
+        t.ln_f.forward(h)
+    }
+
+    fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        hidden.matmul(self.transformer.wte.weight.val().transpose().unsqueeze())
     }
 
     fn new_cache(&self) -> KvCache<B> {

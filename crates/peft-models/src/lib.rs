@@ -100,7 +100,15 @@ impl<B: Backend> KvCache<B> {
 pub trait CausalLm<B: Backend> {
     /// Logits `[batch, seq, vocab]` for the input's own positions. With a cache, the input
     /// continues the cached sequence and the cache grows.
-    fn forward(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3>;
+    fn forward(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        self.logits(self.hidden(input, cache))
+    }
+    /// Final hidden states `[batch, seq, hidden]` of the input's own positions (after the
+    /// final norm, before the output head). Training uses it to project only the positions
+    /// that carry a loss, which saves most of the output head's cost.
+    fn hidden(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3>;
+    /// The output head: logits `[batch, seq, vocab]` from hidden states.
+    fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3>;
     /// An empty cache for this model.
     fn new_cache(&self) -> KvCache<B>;
     /// Vocabulary size.
@@ -111,7 +119,7 @@ pub trait CausalLm<B: Backend> {
 
 /// A causal language model of any supported architecture, with dense weights and the
 /// adapter slot `A` on every linear layer (none by default; `peft_lora::LoraSlot` for LoRA).
-#[derive(Debug)]
+#[derive(Module, Debug)]
 pub enum AnyCausalLm<B: Backend, A = NoAdapter> {
     /// Llama family.
     Llama(llama::LlamaWith<B, burn::nn::Linear<B>, A, NoAdapter, NoAdapter, NoAdapter>),
@@ -120,10 +128,16 @@ pub enum AnyCausalLm<B: Backend, A = NoAdapter> {
 }
 
 impl<B: Backend, A: LinearAdapterControl<B>> CausalLm<B> for AnyCausalLm<B, A> {
-    fn forward(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    fn hidden(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         match self {
-            Self::Llama(m) => m.forward(input, cache),
-            Self::Gpt2(m) => m.forward(input, cache),
+            Self::Llama(m) => m.hidden(input, cache),
+            Self::Gpt2(m) => m.hidden(input, cache),
+        }
+    }
+    fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match self {
+            Self::Llama(m) => m.logits(hidden),
+            Self::Gpt2(m) => m.logits(hidden),
         }
     }
     fn new_cache(&self) -> KvCache<B> {

@@ -393,14 +393,17 @@ where
     Emb: EmbeddingAdapter<B>,
     Kv: KvAdapter<B>,
 {
-    fn forward(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    fn hidden(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let (h, virt) = self.forward_hidden(input, cache);
-        let logits = self.head(h);
         if virt == 0 {
-            return logits;
+            return h;
         }
-        let [b, s, v] = logits.dims();
-        logits.slice([0..b, virt..s, 0..v])
+        let [b, s, d] = h.dims();
+        h.slice([0..b, virt..s, 0..d])
+    }
+
+    fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.head(hidden)
     }
 
     fn new_cache(&self) -> KvCache<B> {

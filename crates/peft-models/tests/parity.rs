@@ -12,7 +12,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use peft_models::bert::Bert;
 use peft_models::config::ModelConfig;
-use peft_models::generate::{GenerationConfig, generate};
+use peft_models::generate::{GenerationConfig, generate, greedy_batch};
 use peft_models::weights::SafetensorsSource;
 use peft_models::{CausalLm, ForwardInput, load_causal_lm};
 
@@ -96,6 +96,25 @@ fn check_causal_lm<B: Backend>(dir: &str, device: &B::Device) {
     let new = generate(&model, &prompt, &cfg, device, |_| {}).unwrap();
     let expected: Vec<u32> = r.i64("greedy_ids").iter().map(|&i| i as u32).collect();
     assert_eq!(new, expected, "{dir}: greedy tokens with the KV cache");
+
+    // Batched greedy decoding with left padding: the full prompt still gives
+    // transformers' tokens, and shorter prompts in the same batch give what they give
+    // alone.
+    let prompts = vec![prompt[..4].to_vec(), prompt.clone(), prompt[2..].to_vec()];
+    let batched = greedy_batch(&model, &prompts, 8, &[u32::MAX], 0, device).unwrap();
+    assert_eq!(
+        batched[1], expected,
+        "{dir}: batched greedy, longest prompt"
+    );
+    for (p, got) in prompts.iter().zip(&batched) {
+        let alone = generate(&model, p, &cfg, device, |_| {}).unwrap();
+        assert_eq!(
+            got,
+            &alone,
+            "{dir}: batched vs alone for a prompt of {}",
+            p.len()
+        );
+    }
 }
 
 fn llama_gqa<B: AutodiffBackend>(device: &B::Device) {
