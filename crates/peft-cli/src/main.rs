@@ -5,6 +5,7 @@
 //! evaluation and merging join as their crates land (see README.md).
 
 mod models;
+mod train;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -34,6 +35,12 @@ enum Command {
     /// Print a model's architecture, parameter count and the module paths PEFT methods can
     /// target.
     Inspect(models::InspectArgs),
+    /// Fine-tune a model with LoRA (or fully, as a baseline) on JSONL data: checkpoints,
+    /// metrics.jsonl, a loss plot, before/after scores, and the adapter in peft's format.
+    Train(Box<train::TrainArgs>),
+    /// Loss, perplexity and exact-match accuracy of greedy answers on a JSONL file, with or
+    /// without adapters.
+    Eval(train::EvalArgs),
     /// Merge adapters into a base model (Hugging Face directory or GGUF) and write a
     /// Hugging Face directory that transformers loads.
     Merge(models::MergeArgs),
@@ -165,6 +172,8 @@ fn main() -> ExitCode {
         Command::Logits(a) => models::logits(a),
         Command::Inspect(a) => models::inspect(a),
         Command::Merge(a) => models::merge(a),
+        Command::Train(a) => train::run(a),
+        Command::Eval(a) => train::eval(a),
         Command::InspectAdapter { dir, json } => inspect_adapter(dir, *json),
     };
     match result {

@@ -127,6 +127,7 @@ pub struct InspectArgs {
 }
 
 /// Runs `$body` with `B` bound to the backend chosen by `$device`.
+#[macro_export]
 macro_rules! with_backend {
     ($device:expr, |$b:ident, $dev:ident| $body:expr) => {{
         match $device {
@@ -211,7 +212,7 @@ fn is_gguf(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
-fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
+pub fn load_tokenizer(model: &Path) -> Result<Tokenizer> {
     Ok(if is_gguf(model) {
         peft_models::gguf_model::load_tokenizer(model)?
     } else {

@@ -1,0 +1,797 @@
+//! `peft train` and `peft eval`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use clap::Args;
+use peft_core::config::{AdapterConfig, LoraFields};
+use peft_core::target::Targets;
+use peft_core::trainable::{AdapterOnly, Everything, freeze, trainable_report};
+use peft_models::tokenizer::Tokenizer;
+use peft_models::{CausalLm, smollm2_gguf_path};
+use peft_train::data::{
+    PrepareStats, Record, RenderOptions, Tokenized, load_splits, prepare, read_jsonl,
+};
+use peft_train::eval::{ExactMatch, exact_match};
+use peft_train::optim::{AdamWConfig, Decay};
+use peft_train::trainer::{EvalLoss, TokenCrossEntropy, TrainOptions, evaluate_loss, train};
+use serde::{Deserialize, Serialize};
+
+use crate::models::{Device, Lm, load_lm, load_tokenizer};
+
+/// The options of `peft train`, from flags and from the TOML file of `--config` (flags
+/// win). Paths in the file are relative to the file.
+#[derive(Args, Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    /// The base model: a Hugging Face directory or a .gguf file (`smollm2`: the demo model,
+    /// fetched by `cargo xtask fetch-model smollm2`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The method: lora, or full (full fine-tuning, the baseline). qlora, ia3, adapter,
+    /// prompt, prefix and p-tuning are named here as their crates land.
+    #[arg(long)]
+    pub method: Option<String>,
+    /// Training data (JSONL: `text`; `prompt` + `completion`; or chat `messages`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Validation data (JSONL); without it `val_fraction` of the data is held out.
+    #[arg(long)]
+    pub val_data: Option<PathBuf>,
+    /// Share of the data held out for validation when no --val-data is given (default 0.05).
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
+    /// A JSONL test set scored by exact match of greedy answers before and after training.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// A plain-text file whose perplexity is measured before and after training (how much
+    /// general ability the run cost).
+    #[arg(long)]
+    pub general_text: Option<PathBuf>,
+    /// The output directory (adapter, metrics.jsonl, loss.png, README.md, checkpoints/).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Optimizer steps (default: as many as --epochs take).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Passes over the training data (default 1).
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    /// Peak learning rate (default 2e-4).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Sequences per micro-batch (default 4).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step (default 1).
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Maximum tokens per sequence; longer examples are cut and counted (default 512).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Pack short examples together into sequences of --seq-len tokens.
+    #[arg(long)]
+    pub pack: Option<bool>,
+    /// LoRA rank (default 16).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha (default 2 x rank).
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// LoRA dropout (default 0.05).
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Target modules, comma-separated names, or all-linear (default).
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// Quantize the frozen base to 4 bits (nf4 or fp4) for QLoRA.
+    #[arg(long)]
+    pub quantize: Option<String>,
+    /// Seed of the adapter's initialisation, the data order and dropout (default 42).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Warm-up steps (default: 3% of the steps).
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Learning-rate decay after warm-up: linear (default), cosine or constant.
+    #[arg(long)]
+    pub schedule: Option<String>,
+    /// AdamW's decoupled weight decay (default 0).
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this (default 1.0; 0 turns clipping off).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Evaluate the validation loss every N steps (default: 10 times per run).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Write a checkpoint every N steps (default 50, and at the end).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Stop after N evaluations without a better validation loss, keeping the best adapter.
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// A system message before every prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Train on prompt tokens too (default: loss on completions and assistant turns only).
+    #[arg(long)]
+    pub train_on_prompt: Option<bool>,
+    /// Longest generated answer in exact-match evaluation (default 64 tokens).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Recompute activations in the backward pass instead of keeping them (less memory,
+    /// more compute).
+    #[arg(long)]
+    pub grad_checkpointing: Option<bool>,
+    /// Pause after this step with a checkpoint; continue later with --resume.
+    #[arg(long)]
+    pub stop_at: Option<usize>,
+}
+
+macro_rules! merge_fields {
+    ($a:expr, $b:expr, $($f:ident),* $(,)?) => {
+        TrainSettings { $($f: $a.$f.clone().or_else(|| $b.$f.clone()),)* }
+    };
+}
+
+impl TrainSettings {
+    /// `self` where set, else `other`.
+    fn or(&self, other: &Self) -> Self {
+        merge_fields!(
+            self,
+            other,
+            model,
+            method,
+            data,
+            val_data,
+            val_fraction,
+            eval_data,
+            general_text,
+            out,
+            max_steps,
+            epochs,
+            lr,
+            batch_size,
+            grad_accum,
+            seq_len,
+            pack,
+            rank,
+            alpha,
+            dropout,
+            targets,
+            quantize,
+            seed,
+            warmup_steps,
+            schedule,
+            weight_decay,
+            max_grad_norm,
+            eval_every,
+            save_every,
+            patience,
+            system,
+            train_on_prompt,
+            max_new_tokens,
+            grad_checkpointing,
+            stop_at,
+        )
+    }
+
+    /// Reads a TOML file; relative paths become relative to the file's directory.
+    fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config file {}", path.display()))?;
+        let mut s: Self = toml::from_str(&text)
+            .with_context(|| format!("in the config file {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let rel = |p: &mut Option<PathBuf>| {
+            if let Some(p) = p
+                && p.is_relative()
+                && p.as_os_str() != "smollm2"
+            {
+                *p = base.join(&*p);
+            }
+        };
+        rel(&mut s.model);
+        rel(&mut s.data);
+        rel(&mut s.val_data);
+        rel(&mut s.eval_data);
+        rel(&mut s.general_text);
+        rel(&mut s.out);
+        Ok(s)
+    }
+}
+
+/// Arguments of `peft train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A TOML file with any of the options below (flags override it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in --out from its newest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+    /// Options.
+    #[command(flatten)]
+    pub settings: TrainSettings,
+}
+
+/// The fully resolved options of a run.
+#[derive(Debug, Clone, Serialize)]
+struct Resolved {
+    model: PathBuf,
+    method: Method,
+    data: PathBuf,
+    val_data: Option<PathBuf>,
+    val_fraction: f64,
+    eval_data: Option<PathBuf>,
+    general_text: Option<PathBuf>,
+    out: PathBuf,
+    seq_len: usize,
+    pack: bool,
+    rank: usize,
+    alpha: f64,
+    dropout: f64,
+    targets: String,
+    render: RenderOptions,
+    max_new_tokens: usize,
+    options: TrainOptions,
+    grad_checkpointing: bool,
+    warmup_steps: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Method {
+    Lora,
+    Full,
+}
+
+fn resolve_model(p: &Path) -> PathBuf {
+    if p.as_os_str() == "smollm2" && !p.exists() {
+        smollm2_gguf_path()
+    } else {
+        p.to_path_buf()
+    }
+}
+
+impl Resolved {
+    fn new(a: &TrainArgs) -> Result<Self> {
+        let s = match &a.config {
+            Some(c) => a.settings.or(&TrainSettings::from_file(c)?),
+            None => a.settings.clone(),
+        };
+        let model = resolve_model(
+            &s.model
+                .context("--model is required (or `model` in --config)")?,
+        );
+        let data = s
+            .data
+            .context("--data is required (or `data` in --config)")?;
+        let out = s.out.context("--out is required (or `out` in --config)")?;
+        let method = match s.method.as_deref().unwrap_or("lora") {
+            "lora" => Method::Lora,
+            "full" => Method::Full,
+            m @ ("qlora" | "ia3" | "adapter" | "prompt" | "prefix" | "p-tuning") => {
+                bail!("--method {m} is not available in this build yet; use lora or full")
+            }
+            m => bail!("unknown --method `{m}`; use lora or full"),
+        };
+        if let Some(q) = &s.quantize {
+            bail!(
+                "--quantize {q}: 4-bit quantization of the base is not available in this build yet"
+            );
+        }
+        let rank = s.rank.unwrap_or(16);
+        let decay = match s.schedule.as_deref().unwrap_or("linear") {
+            "linear" => Decay::Linear,
+            "cosine" => Decay::Cosine,
+            "constant" => Decay::Constant,
+            o => bail!("unknown --schedule `{o}`; use linear, cosine or constant"),
+        };
+        let options = TrainOptions {
+            lr: s.lr.unwrap_or(2e-4),
+            batch_size: s.batch_size.unwrap_or(4),
+            grad_accum: s.grad_accum.unwrap_or(1),
+            max_steps: s.max_steps,
+            epochs: s.epochs.unwrap_or(1.0),
+            warmup_steps: 0,
+            decay,
+            adamw: AdamWConfig {
+                weight_decay: s.weight_decay.unwrap_or(0.0),
+                ..Default::default()
+            },
+            max_grad_norm: match s.max_grad_norm {
+                Some(n) if n <= 0.0 => None,
+                Some(n) => Some(n),
+                None => Some(1.0),
+            },
+            seed: s.seed.unwrap_or(42),
+            eval_every: s.eval_every,
+            save_every: Some(s.save_every.unwrap_or(50)),
+            keep_checkpoints: 2,
+            early_stopping_patience: s.patience,
+            progress: true,
+            stop_at: s.stop_at,
+        };
+        Ok(Self {
+            model,
+            method,
+            data,
+            val_data: s.val_data,
+            val_fraction: s.val_fraction.unwrap_or(0.05),
+            eval_data: s.eval_data,
+            general_text: s.general_text,
+            out,
+            seq_len: s.seq_len.unwrap_or(512),
+            pack: s.pack.unwrap_or(false),
+            rank,
+            alpha: s.alpha.unwrap_or(2.0 * rank as f64),
+            dropout: s.dropout.unwrap_or(0.05),
+            targets: s.targets.unwrap_or_else(|| "all-linear".into()),
+            render: RenderOptions {
+                completion_only: !s.train_on_prompt.unwrap_or(false),
+                system: s.system,
+            },
+            max_new_tokens: s.max_new_tokens.unwrap_or(64),
+            options,
+            grad_checkpointing: s.grad_checkpointing.unwrap_or(false),
+            warmup_steps: s.warmup_steps,
+        })
+    }
+}
+
+fn targets_of(spec: &str) -> Targets {
+    if spec == "all-linear" || spec.contains(['*', '(', '[', '|', '\\', '$', '^']) {
+        Targets::Pattern(spec.to_string())
+    } else {
+        Targets::list(spec.split(',').map(str::trim).filter(|s| !s.is_empty()))
+    }
+}
+
+/// `peft train`.
+pub fn run(a: &TrainArgs) -> Result<()> {
+    let r = Resolved::new(a)?;
+    if r.grad_checkpointing {
+        use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+        crate::with_backend!(a.device, |B, device| train_on::<
+            burn::backend::Autodiff<B, BalancedCheckpointing>,
+        >(&r, a.resume, &device))
+    } else {
+        crate::with_backend!(
+            a.device,
+            |B, device| train_on::<burn::backend::Autodiff<B>>(&r, a.resume, &device)
+        )
+    }
+}
+
+/// Scores before or after training.
+#[derive(Debug, Clone, Serialize)]
+struct Scores {
+    exact_match: Option<(usize, usize)>,
+    general_ppl: Option<f64>,
+    val: Option<EvalLoss>,
+}
+
+/// What is scored before and after training.
+struct EvalSets<'a> {
+    records: &'a [Record],
+    general: &'a [Tokenized],
+    val: &'a [Tokenized],
+}
+
+fn score<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    tok: &Tokenizer,
+    r: &Resolved,
+    sets: &EvalSets<'_>,
+    label: &str,
+    device: &B::Device,
+) -> Result<(Scores, Option<ExactMatch>)> {
+    let EvalSets {
+        records: eval_records,
+        general,
+        val,
+    } = *sets;
+    let objective = TokenCrossEntropy { pad: pad_id(tok) };
+    let general_ppl = (!general.is_empty())
+        .then(|| evaluate_loss(model, &objective, general, 4, device).perplexity);
+    let val = (!val.is_empty()).then(|| evaluate_loss(model, &objective, val, 8, device));
+    let em = if eval_records.is_empty() {
+        None
+    } else {
+        let bar = indicatif::ProgressBar::new(eval_records.len() as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+            "{label}: exact match {{bar:30}} {{pos}}/{{len}} {{msg}} ETA {{eta}}"
+        )) {
+            bar.set_style(style);
+        }
+        let mut correct = 0;
+        let em = exact_match(
+            model,
+            tok,
+            eval_records,
+            &r.render,
+            r.max_new_tokens,
+            16,
+            device,
+            |ans| {
+                correct += usize::from(ans.correct);
+                bar.inc(1);
+                bar.set_message(format!("{correct} correct"));
+            },
+        )?;
+        bar.finish_and_clear();
+        Some(em)
+    };
+    Ok((
+        Scores {
+            exact_match: em.as_ref().map(|e| (e.correct, e.total)),
+            general_ppl,
+            val,
+        },
+        em,
+    ))
+}
+
+fn pad_id(tok: &Tokenizer) -> u32 {
+    tok.special_token("pad_token")
+        .and_then(|t| tok.token_to_id(t))
+        .or_else(|| tok.eos_token_ids().first().copied())
+        .unwrap_or(0)
+}
+
+/// Plain text split into sequences of `seq_len` tokens, every token a target.
+fn text_chunks(tok: &Tokenizer, text: &str, seq_len: usize) -> Result<Vec<Tokenized>> {
+    let ids = tok.encode(text, false)?;
+    Ok(ids
+        .chunks(seq_len)
+        .filter(|c| c.len() > 1)
+        .map(|c| Tokenized {
+            ids: c.to_vec(),
+            trained: std::iter::once(false)
+                .chain(std::iter::repeat_n(true, c.len() - 1))
+                .collect(),
+        })
+        .collect())
+}
+
+fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) -> Result<()> {
+    let started = std::time::Instant::now();
+    let tok = load_tokenizer(&r.model)?;
+    let (train_records, val_records) = load_splits(
+        &r.data,
+        r.val_data.as_deref(),
+        r.val_fraction,
+        r.options.seed,
+    )?;
+    let (train_set, train_stats) = prepare(&tok, &train_records, &r.render, r.seq_len, r.pack)?;
+    let (val_set, _) = if val_records.is_empty() {
+        (Vec::new(), PrepareStats::default())
+    } else {
+        prepare(&tok, &val_records, &r.render, r.seq_len, false)?
+    };
+    let eval_records = match &r.eval_data {
+        Some(p) => read_jsonl(p)?,
+        None => Vec::new(),
+    };
+    let general = match &r.general_text {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the general text {}", p.display()))?;
+            text_chunks(&tok, &text, r.seq_len.min(256))?
+        }
+        None => Vec::new(),
+    };
+    println!(
+        "data: {} training examples ({} sequences{}), {} validation, {} test; {} cut to {} tokens ({} target tokens lost)",
+        train_stats.records,
+        train_stats.sequences,
+        if r.pack { ", packed" } else { "" },
+        val_set.len(),
+        eval_records.len(),
+        train_stats.truncated,
+        r.seq_len,
+        train_stats.truncated_tokens
+    );
+    let mut options = r.options.clone();
+    let total = options.total_steps(train_set.len());
+    options.warmup_steps = r
+        .warmup_steps
+        .unwrap_or((total as f64 * 0.03).ceil() as usize);
+    if options.eval_every.is_none() && !val_set.is_empty() {
+        options.eval_every = Some((total / 10).max(1));
+    }
+
+    let sets = EvalSets {
+        records: &eval_records,
+        general: &general,
+        val: &val_set,
+    };
+    B::seed(device, r.options.seed);
+    let mut model: Lm<B> = load_lm(&r.model, &[], false, device)?;
+    println!("model: {} loaded", r.model.display());
+
+    let before = if resume {
+        None
+    } else {
+        let (s, _) = score(&model.valid(), &tok, r, &sets, "before", device)?;
+        Some(s)
+    };
+    let lora = LoraFields {
+        r: r.rank,
+        lora_alpha: r.alpha,
+        lora_dropout: r.dropout,
+        target_modules: Some(targets_of(&r.targets)),
+        ..Default::default()
+    };
+    let model = match r.method {
+        Method::Lora => {
+            match &mut model {
+                Lm::Llama(m) => peft_lora::add_adapter(m, "default", &lora, device)?,
+                Lm::Gpt2(m) => peft_lora::add_adapter(m, "default", &lora, device)?,
+            };
+            freeze(model, &AdapterOnly)
+        }
+        Method::Full => freeze(model, &Everything),
+    };
+    println!("{}", trainable_report(&model));
+    let objective = TokenCrossEntropy { pad: pad_id(&tok) };
+    let done = train(
+        model, &objective, &train_set, &val_set, &options, &r.out, resume, device,
+    )?;
+    if !done.finished {
+        println!(
+            "paused at step {}; continue with the same command and --resume",
+            done.state.step
+        );
+        return Ok(());
+    }
+    let model = done.model.valid();
+    let adapter_dir = match r.method {
+        Method::Lora => {
+            let dir = r.out.join("adapter");
+            let cfg = AdapterConfig::new(lora.clone())
+                .with_task_type("CAUSAL_LM")
+                .with_base_model(r.model.display().to_string());
+            match &model {
+                Lm::Llama(m) => peft_lora::save_adapter(m, "default", &cfg, &dir)?,
+                Lm::Gpt2(m) => peft_lora::save_adapter(m, "default", &cfg, &dir)?,
+            };
+            dir
+        }
+        Method::Full => {
+            let dir = r.out.join("model");
+            let Lm::Llama(m) = &model else {
+                bail!("full fine-tuning writes Llama-family models only in this build");
+            };
+            peft_models::export::save_llama_hf(m, Some(&tok), &dir)?;
+            dir
+        }
+    };
+    let (after, em) = score(&model, &tok, r, &sets, "after", device)?;
+    if let Some(em) = &em {
+        let mut lines = String::new();
+        for a in &em.answers {
+            let _ = writeln!(
+                lines,
+                "{}",
+                serde_json::json!({"expected": a.expected, "got": a.got, "correct": a.correct})
+            );
+        }
+        std::fs::write(r.out.join("answers.jsonl"), lines)?;
+    }
+    let table = report_table(before.as_ref(), &after);
+    println!("\n{table}");
+    let summary = summary(
+        r,
+        &options,
+        &done.state,
+        done.model_step,
+        &train_stats,
+        &table,
+        started,
+    );
+    std::fs::write(r.out.join("README.md"), &summary)?;
+    let results = serde_json::json!({
+        "before": before, "after": after, "model_step": done.model_step,
+        "steps": done.state.step, "stopped_early": done.stopped_early,
+        "tokens": done.state.tokens, "train_seconds": done.state.elapsed_s,
+        "options": r,
+    });
+    std::fs::write(
+        r.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    println!(
+        "wrote {} (adapter), {}, {} and {} in {:.0} s",
+        adapter_dir.display(),
+        r.out.join("metrics.jsonl").display(),
+        r.out.join("loss.png").display(),
+        r.out.join("README.md").display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn report_table(before: Option<&Scores>, after: &Scores) -> String {
+    let mut t = String::from("| metric | before | after |\n|---|---|---|\n");
+    let em = |s: Option<&Scores>| {
+        s.and_then(|s| s.exact_match)
+            .map(|(c, n)| format!("{:.1}% ({c}/{n})", 100.0 * c as f64 / n.max(1) as f64))
+            .unwrap_or_else(|| "-".into())
+    };
+    let num = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
+    if after.exact_match.is_some() {
+        let _ = writeln!(
+            t,
+            "| exact match (test) | {} | {} |",
+            em(before),
+            em(Some(after))
+        );
+    }
+    if after.val.is_some() {
+        let _ = writeln!(
+            t,
+            "| validation loss | {} | {} |",
+            num(before.and_then(|b| b.val.map(|v| v.loss))),
+            num(after.val.map(|v| v.loss))
+        );
+    }
+    if after.general_ppl.is_some() {
+        let _ = writeln!(
+            t,
+            "| general-text perplexity | {} | {} |",
+            num(before.and_then(|b| b.general_ppl)),
+            num(after.general_ppl)
+        );
+    }
+    t
+}
+
+fn summary(
+    r: &Resolved,
+    options: &TrainOptions,
+    state: &peft_train::checkpoint::TrainState,
+    model_step: usize,
+    stats: &PrepareStats,
+    table: &str,
+    started: std::time::Instant,
+) -> String {
+    let method = match r.method {
+        Method::Lora => format!(
+            "LoRA r={} alpha={} dropout={} on `{}`",
+            r.rank, r.alpha, r.dropout, r.targets
+        ),
+        Method::Full => "full fine-tuning".to_string(),
+    };
+    format!(
+        "# Fine-tuning run\n\n\
+         - base model: `{}`\n- method: {method}\n- data: `{}` ({} records, {} cut to {} tokens)\n\
+         - steps: {} (parameters of step {model_step} kept), {} tokens, lr {} ({:?} decay, {} warm-up), \
+         batch {} x {} accumulation, seed {}\n- wall time: {:.0} s\n\n\
+         ## Results\n\n{table}\n\
+         Files: `adapter/` or `model/` (the result), `metrics.jsonl` (one line per step), \
+         `loss.png`, `answers.jsonl` (the test answers after training), `results.json`, \
+         `checkpoints/` (resume with `--resume`).\n",
+        r.model.display(),
+        r.data.display(),
+        stats.records,
+        stats.truncated,
+        r.seq_len,
+        state.step,
+        state.tokens,
+        options.lr,
+        options.decay,
+        options.warmup_steps,
+        options.batch_size,
+        options.grad_accum,
+        options.seed,
+        started.elapsed().as_secs_f64(),
+    )
+}
+
+/// Arguments of `peft eval`.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// A Hugging Face model directory or a .gguf file (`smollm2`: the demo model).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A JSONL file (`prompt` + `completion`, chat `messages`, or `text`).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Adapters to evaluate with.
+    #[command(flatten)]
+    pub adapters: crate::models::AdapterArgs,
+    /// Maximum tokens per sequence for the loss.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Sequences per batch for the loss.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Longest generated answer (exact match).
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// A system message before every prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Skip generation (loss and perplexity only).
+    #[arg(long)]
+    pub no_generate: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    pub device: Device,
+}
+
+/// `peft eval`.
+pub fn eval(a: &EvalArgs) -> Result<()> {
+    crate::with_backend!(a.device, |B, device| eval_on::<B>(a, &device))
+}
+
+fn eval_on<B: Backend>(a: &EvalArgs, device: &B::Device) -> Result<()> {
+    let model_path = resolve_model(&a.model);
+    let tok = load_tokenizer(&model_path)?;
+    let model = load_lm::<B>(&model_path, &a.adapters.adapters, a.adapters.merge, device)?;
+    let records = read_jsonl(&a.data)?;
+    let render = RenderOptions {
+        completion_only: true,
+        system: a.system.clone(),
+    };
+    let (examples, stats) = prepare(&tok, &records, &render, a.seq_len, false)?;
+    let objective = TokenCrossEntropy { pad: pad_id(&tok) };
+    let loss = evaluate_loss(&model, &objective, &examples, a.batch_size, device);
+    let em = if a.no_generate {
+        None
+    } else {
+        Some(exact_match(
+            &model,
+            &tok,
+            &records,
+            &render,
+            a.max_new_tokens,
+            a.batch_size,
+            device,
+            |_| {},
+        )?)
+    };
+    let em = em.filter(|e| e.total > 0);
+    if a.json {
+        let v = serde_json::json!({
+            "loss": loss.loss, "perplexity": loss.perplexity, "targets": loss.targets,
+            "records": stats.records, "truncated": stats.truncated,
+            "exact_match": em.as_ref().map(|e| serde_json::json!({
+                "correct": e.correct, "total": e.total, "accuracy": e.accuracy(),
+            })),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "records:     {} ({} cut to {} tokens)",
+            stats.records, stats.truncated, a.seq_len
+        );
+        println!(
+            "loss:        {:.4} over {} target tokens",
+            loss.loss, loss.targets
+        );
+        println!("perplexity:  {:.3}", loss.perplexity);
+        if let Some(e) = &em {
+            println!(
+                "exact match: {:.1}% ({}/{})",
+                100.0 * e.accuracy(),
+                e.correct,
+                e.total
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! `peft train` and `peft eval` through the binary.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+
+fn smollm2() -> Option<PathBuf> {
+    let p = peft_models_path();
+    if p.exists() {
+        Some(p)
+    } else {
+        println!(
+            "skipped: {} not found (cargo xtask fetch-model smollm2)",
+            p.display()
+        );
+        None
+    }
+}
+
+fn peft_models_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("SMOLLM2_GGUF") {
+        return p.into();
+    }
+    let cache = std::env::var_os("PEFT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/burn-peft/models")
+        });
+    cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn demo_lines(file: &str, range: std::ops::Range<usize>, to: &Path) {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../data/demo")
+            .join(file),
+    )
+    .unwrap();
+    let lines: Vec<&str> = text.lines().skip(range.start).take(range.len()).collect();
+    std::fs::write(to, lines.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn train_pauses_resumes_and_writes_everything_then_eval_reads_the_adapter() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (train, val, test) = (
+        dir.path().join("train.jsonl"),
+        dir.path().join("val.jsonl"),
+        dir.path().join("test.jsonl"),
+    );
+    demo_lines("train.jsonl", 0..8, &train);
+    demo_lines("val.jsonl", 0..2, &val);
+    demo_lines("test.jsonl", 0..2, &test);
+    let out = dir.path().join("run");
+    let config = dir.path().join("run.toml");
+    // The file sets a rank the flags do not, and a learning rate a flag overrides.
+    std::fs::write(
+        &config,
+        "rank = 4\nlr = 0.5\nbatch_size = 2\nmax_steps = 2\nseq_len = 192\nmax_new_tokens = 24\n",
+    )
+    .unwrap();
+    let args = |extra: &[&str]| {
+        let mut a: Vec<String> = vec![
+            "train".into(),
+            "--config".into(),
+            config.display().to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--data".into(),
+            train.display().to_string(),
+            "--val-data".into(),
+            val.display().to_string(),
+            "--eval-data".into(),
+            test.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "--lr".into(),
+            "1e-3".into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let paused = Command::cargo_bin("peft")
+        .unwrap()
+        .args(args(&["--stop-at", "1"]))
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&paused.get_output().stdout).to_string();
+    assert!(stdout.contains("paused at step 1"), "{stdout}");
+    assert!(
+        !out.join("adapter").exists(),
+        "a paused run writes no final adapter"
+    );
+    // Without --resume the directory is protected.
+    let refused = Command::cargo_bin("peft")
+        .unwrap()
+        .args(args(&[]))
+        .assert()
+        .failure();
+    assert!(String::from_utf8_lossy(&refused.get_output().stderr).contains("--resume"));
+
+    let done = Command::cargo_bin("peft")
+        .unwrap()
+        .args(args(&["--resume"]))
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&done.get_output().stdout).to_string();
+    assert!(stdout.contains("| exact match (test) |"), "{stdout}");
+
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"], i + 1);
+        assert!(l["loss"].as_f64().unwrap().is_finite());
+        assert!(l["tokens_per_s"].as_f64().unwrap() > 0.0);
+        // lr 1e-3 from the flag, not 0.5 from the file (warm-up of 1 step: 0, then 1e-3).
+        assert!(l["lr"].as_f64().unwrap() <= 1e-3);
+    }
+    for f in [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "loss.png",
+        "README.md",
+        "results.json",
+        "answers.jsonl",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["r"], 4, "rank from the config file");
+    assert_eq!(cfg["peft_type"], "LORA");
+
+    let eval = Command::cargo_bin("peft")
+        .unwrap()
+        .args([
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            out.join("adapter").to_str().unwrap(),
+            "--data",
+            test.to_str().unwrap(),
+            "--max-new-tokens",
+            "24",
+            "--json",
+        ])
+        .assert()
+        .success();
+    let v: serde_json::Value = serde_json::from_slice(&eval.get_output().stdout).unwrap();
+    assert!(v["loss"].as_f64().unwrap().is_finite());
+    assert_eq!(v["exact_match"]["total"], 2);
+    // The run's own "after" validation numbers and eval agree on the test answers.
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(
+        results["after"]["exact_match"][0],
+        v["exact_match"]["correct"]
+    );
+}
+
+#[test]
+fn train_explains_bad_options_before_loading_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["train", "--data", "x.jsonl", "--out", "o"],
+            "--model is required",
+        ),
+        (
+            &[
+                "train", "--model", "m", "--data", "x.jsonl", "--out", "o", "--method", "qlora",
+            ],
+            "not available in this build yet",
+        ),
+        (
+            &[
+                "train", "--model", "m", "--data", "x.jsonl", "--out", "o", "--method", "nope",
+            ],
+            "unknown --method",
+        ),
+        (
+            &[
+                "train",
+                "--model",
+                "m",
+                "--data",
+                "x.jsonl",
+                "--out",
+                "o",
+                "--schedule",
+                "steps",
+            ],
+            "unknown --schedule",
+        ),
+    ];
+    for (args, want) in cases {
+        let a = Command::cargo_bin("peft")
+            .unwrap()
+            .current_dir(dir.path())
+            .args(*args)
+            .assert()
+            .failure();
+        let err = String::from_utf8_lossy(&a.get_output().stderr).to_string();
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "rnak = 4\n").unwrap();
+    let a = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["train", "--config", bad.to_str().unwrap()])
+        .assert()
+        .failure();
+    let err = String::from_utf8_lossy(&a.get_output().stderr).to_string();
+    assert!(err.contains("rnak"), "{err}");
+}
+
+#[test]
+fn a_malformed_data_line_is_reported_with_its_line_number() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"fine\"}\n\n{\"prompt\": \"no completion\"}\n",
+    )
+    .unwrap();
+    let a = Command::cargo_bin("peft")
+        .unwrap()
+        .args([
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            dir.path().join("o").to_str().unwrap(),
+        ])
+        .assert()
+        .failure();
+    let err = String::from_utf8_lossy(&a.get_output().stderr).to_string();
+    assert!(err.contains("d.jsonl:3:"), "{err}");
+}
