@@ -52,3 +52,8 @@ pub mod optim;
 pub mod trainer;
 
 pub use error::{Result, TrainError};
+
+/// The Rust examples of docs/training.md, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/training.md")]
+pub struct TrainingGuideDoctests;
