@@ -393,3 +393,49 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     );
     assert_eq!(losses(dir.path()).len(), 3, "no line for the failed step");
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_run() {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    type C = Autodiff<Flex, BalancedCheckpointing>;
+    let _serial = serial();
+    let device = Default::default();
+    let vocab = model(0).vocab_size() as u32;
+    let data = examples(8, 7, 1, vocab);
+    let obj = TokenCrossEntropy { pad: 0 };
+    let o = TrainOptions {
+        max_steps: Some(3),
+        save_every: None,
+        eval_every: None,
+        ..options()
+    };
+    let plain = tempfile::tempdir().unwrap();
+    train(model(3), &obj, &data, &[], &o, plain.path(), false, &device).unwrap();
+
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../peft-models/tests/fixtures/llama_gqa");
+    <C as Backend>::seed(&device, 3);
+    let mut m: LoraLlama<C> = peft_models::load_llama(&dir, &device).unwrap();
+    let fields = LoraFields {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.1,
+        target_modules: Some(Targets::all_linear()),
+        ..Default::default()
+    };
+    add_adapter(&mut m, "default", &fields, &device).unwrap();
+    let m = freeze(m, &AdapterOnly);
+    let recomputed = tempfile::tempdir().unwrap();
+    train(m, &obj, &data, &[], &o, recomputed.path(), false, &device).unwrap();
+    let (a, b) = (losses(plain.path()), losses(recomputed.path()));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            (x.1 - y.1).abs() <= 1e-5 * x.1.abs(),
+            "step {}: {} vs {}",
+            x.0,
+            x.1,
+            y.1
+        );
+    }
+}
