@@ -173,12 +173,13 @@ pub type Lm<B> = AnyCausalLm<B, LoraSlot<B>>;
 fn attach<B, M>(model: &mut M, adapters: &[PathBuf], merge: bool, device: &B::Device) -> Result<()>
 where
     B: Backend,
-    M: AdaptableModel<B, Weight = burn::nn::Linear<B>, Linear = LoraSlot<B>>,
+    M: peft_lora::LoraModel<B>,
 {
     let mut names = Vec::new();
     for (i, dir) in adapters.iter().enumerate() {
         let name = format!("adapter{i}");
-        peft_lora::load_adapter(model, dir, &name, device)
+        // The full loader also takes `bias`, `lora_bias` and `modules_to_save` adapters.
+        peft_lora::load_adapter_full(model, dir, &name, device)
             .with_context(|| format!("loading the adapter in {}", dir.display()))?;
         names.push(name);
     }

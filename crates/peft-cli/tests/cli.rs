@@ -261,18 +261,21 @@ fn adapters_and_merge_give_peft_logits() {
     // The adapters and their logits were saved by Python's peft (scripts/fixtures/lora.py).
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("l.safetensors");
-    for (adapter, merge) in [
-        ("lora_llama", false),
-        ("lora_llama", true),
-        ("dora_llama", true),
-        ("rslora_llama", false),
+    for (adapter, base, merge) in [
+        ("lora_llama", "llama_gqa", false),
+        ("lora_llama", "llama_gqa", true),
+        ("dora_llama", "llama_gqa", true),
+        ("rslora_llama", "llama_gqa", false),
+        ("modules_to_save_llama", "llama_gqa", false),
+        ("bias_all_qwen2", "qwen2", true),
+        ("lora_bias_qwen2", "qwen2", false),
     ] {
         let a = lora_fixture(adapter);
         let mut extra: Vec<&std::ffi::OsStr> = vec!["--adapter".as_ref(), a.as_os_str()];
         if merge {
             extra.push("--merge".as_ref());
         }
-        let got = run_logits(&models_fixture("llama_gqa"), &extra, &out);
+        let got = run_logits(&models_fixture(base), &extra, &out);
         let (_, expected) = read_f32(&lora_fixture(adapter).join("logits.safetensors"), "logits");
         let diff = got
             .iter()
