@@ -54,10 +54,22 @@ pub enum TrainError {
     },
     /// From the model crate.
     #[error(transparent)]
-    Model(#[from] peft_models::ModelError),
+    Model(Box<peft_models::ModelError>),
     /// From peft-core (adapter files, targets).
     #[error(transparent)]
-    Peft(#[from] peft_core::PeftError),
+    Peft(Box<peft_core::PeftError>),
+}
+
+impl From<peft_models::ModelError> for TrainError {
+    fn from(e: peft_models::ModelError) -> Self {
+        Self::Model(Box::new(e))
+    }
+}
+
+impl From<peft_core::PeftError> for TrainError {
+    fn from(e: peft_core::PeftError) -> Self {
+        Self::Peft(Box::new(e))
+    }
 }
 
 impl TrainError {

@@ -33,6 +33,10 @@ pub struct StepMetrics {
     /// Validation perplexity, on steps that evaluate.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub val_ppl: Option<f64>,
+    /// The objective's own metrics (DPO: `rewards_chosen`, `rewards_rejected`, `margin`,
+    /// `accuracy`; `val_`-prefixed on evaluation steps).
+    #[serde(flatten)]
+    pub extra: std::collections::BTreeMap<String, f64>,
 }
 
 /// The name of the metrics file in the output directory.

@@ -37,6 +37,12 @@ pub trait Objective {
     fn targets(&self, example: &Self::Example) -> usize;
     /// How many tokens `example` has (for throughput).
     fn tokens(&self, example: &Self::Example) -> usize;
+    /// Metrics gathered by the `loss` calls since the last call, as means (for example
+    /// DPO's rewards and margins). The loop takes them after each step's micro-batches
+    /// (written as they are) and after each evaluation (written with a `val_` prefix).
+    fn take_metrics(&self) -> Vec<(String, f64)> {
+        Vec::new()
+    }
 }
 
 /// Token-level cross-entropy of a causal language model on the target tokens of
@@ -388,6 +394,7 @@ where
             grads.accumulate(&model, &g);
         }
         let loss = loss_sum / step_targets.max(1) as f64;
+        let objective_metrics = objective.take_metrics();
         if !loss.is_finite() {
             bar.abandon();
             return Err(TrainError::NonFinite {
@@ -434,6 +441,7 @@ where
             elapsed_s: elapsed_before + run_start.elapsed().as_secs_f64(),
             val_loss: None,
             val_ppl: None,
+            extra: objective_metrics.into_iter().collect(),
         };
         let last = state.step == total;
         let eval_now = !val.is_empty()
@@ -444,6 +452,9 @@ where
             let ev = evaluate_loss(&model.valid(), objective, val, opts.batch_size, device);
             line.val_loss = Some(ev.loss);
             line.val_ppl = Some(ev.perplexity);
+            for (k, v) in objective.take_metrics() {
+                line.extra.insert(format!("val_{k}"), v);
+            }
             say(
                 &bar,
                 format!(
