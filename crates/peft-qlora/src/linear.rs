@@ -1,0 +1,494 @@
+//! [`Linear4bit`]: a frozen linear layer whose weight lives on the device as 4-bit codes.
+//!
+//! Device layout (every tensor a burn constant, never a parameter, so no optimizer state
+//! and no gradient):
+//!
+//! | tensor | dtype | contents |
+//! |---|---|---|
+//! | `words` | `Int` (I32) | the 4-bit codes, 8 per 32-bit word, code `j` at bits `4j..4j+4` |
+//! | `table` | f32 `[16]` | the code values (`weight.quant_map`) |
+//! | `absmax` | f32 `[blocks]` | without double quantization |
+//! | `qabsmax` | `Int` (I32) | with double quantization: 8-bit absmax codes, 4 per word |
+//! | `nested_absmax`, `nested_map` | f32 | the nested statistics and the dynamic map |
+//!
+//! I32 words are what every backend here stores natively (WGSL has no 8-bit integers), and
+//! they keep the codes at 4 bits per value: 0.5 bytes per parameter, plus 1/64 byte for the
+//! double-quantized absmax at block size 64.
+//!
+//! The forward pass is made of burn tensor ops, so it runs on every backend: unpack the
+//! codes with shifts and masks, look the values up (`select`), scale each block by its
+//! absmax, then `x W^T + b`. With autodiff the dequantized weight is a constant built from
+//! untracked tensors, so the backward pass gives the input gradient `dL/dx = dL/dy W`
+//! (what LoRA above needs) and nothing for the base.
+
+use std::cell::{Cell, RefCell};
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use burn::tensor::{DType, ElementConversion, TensorCreationOptions, TensorData};
+use peft_core::PeftError;
+use peft_core::inject::LinearWeight;
+
+use crate::codes::dynamic_map;
+use crate::error::{QloraError, Result};
+use crate::quant::{DoubleQuant, NESTED_BLOCKSIZE, Packed4bit, QuantConfig, QuantizedWeight};
+
+thread_local! {
+    static CONFIG: Cell<QuantConfig> = Cell::new(QuantConfig::default());
+    static PENDING: RefCell<Option<QuantizedWeight>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `config` as the quantization [`LinearWeight::from_dense`] uses on this
+/// thread (NF4, block 64, double quantization otherwise), then restores the previous one.
+///
+/// This is how a generic loader such as `peft_models::load_llama::<_, Linear4bit<_>, ..>`
+/// quantizes with another setting: [`crate::load_quantized_llama`] does it for you.
+///
+/// # Errors
+/// [`QloraError::InvalidConfig`] for an unsupported block size (then `f` is not run).
+pub fn with_quant_config<R>(config: QuantConfig, f: impl FnOnce() -> R) -> Result<R> {
+    config.validate()?;
+    struct Restore(QuantConfig);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CONFIG.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(CONFIG.with(|c| c.replace(config)));
+    Ok(f())
+}
+
+/// The configuration [`LinearWeight::from_dense`] quantizes with on this thread.
+pub fn current_quant_config() -> QuantConfig {
+    CONFIG.with(Cell::get)
+}
+
+/// Hands an already quantized weight to the next [`LinearWeight::from_dense`] on this
+/// thread of the same shape, which then uses it instead of quantizing (how a bitsandbytes
+/// checkpoint loads through the generic model loaders, keeping its exact bytes).
+pub(crate) fn stage_quantized(weight: QuantizedWeight) {
+    PENDING.with(|p| *p.borrow_mut() = Some(weight));
+}
+
+fn take_staged(shape: [usize; 2]) -> Option<QuantizedWeight> {
+    PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        match p.as_ref() {
+            Some(q) if q.shape == shape => p.take(),
+            _ => None,
+        }
+    })
+}
+
+/// Shape and settings of a [`Linear4bit`], kept on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Linear4bitMeta {
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+    /// Data type, block size, double quantization.
+    pub config: QuantConfig,
+    /// The double quantization's offset (mean absmax); 0 without it.
+    pub offset: f32,
+}
+
+/// A frozen linear layer with a blockwise 4-bit weight (NF4 or FP4), bitsandbytes-compatible.
+#[derive(Module, Debug)]
+pub struct Linear4bit<B: Backend> {
+    /// The 4-bit codes, 8 per I32 word.
+    pub words: Tensor<B, 1, Int>,
+    /// The 16 code values.
+    pub table: Tensor<B, 1>,
+    /// Per-block absmax (without double quantization).
+    pub absmax: Option<Tensor<B, 1>>,
+    /// Per-block 8-bit absmax codes, 4 per I32 word (with double quantization).
+    pub qabsmax: Option<Tensor<B, 1, Int>>,
+    /// The absmax of every 256 absmax codes (with double quantization).
+    pub nested_absmax: Option<Tensor<B, 1>>,
+    /// The 256 values of the 8-bit map (with double quantization).
+    pub nested_map: Option<Tensor<B, 1>>,
+    /// The bias, a (frozen unless a policy trains it) parameter.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    /// Shape and settings.
+    #[module(skip)]
+    pub meta: Linear4bitMeta,
+}
+
+fn int_options<B: Backend>(device: &B::Device) -> TensorCreationOptions<B> {
+    TensorCreationOptions::new(device.clone()).with_dtype(DType::I32)
+}
+
+/// Packs values below `2^bits` into I32 words, `32 / bits` per word, the first at bit 0.
+fn pack_words(values: &[u8], bits: usize) -> Vec<i32> {
+    let per = 32 / bits;
+    values
+        .chunks(per)
+        .map(|c| {
+            c.iter()
+                .enumerate()
+                .fold(0u32, |w, (j, &v)| w | (u32::from(v) << (bits * j)))
+                .cast_signed()
+        })
+        .collect()
+}
+
+fn unpack_words_host(words: &[i32], bits: usize) -> Vec<u8> {
+    let per = 32 / bits;
+    let mask = (1u32 << bits) - 1;
+    words
+        .iter()
+        .flat_map(|&w| {
+            let w = w.cast_unsigned();
+            (0..per).map(move |j| ((w >> (bits * j)) & mask) as u8)
+        })
+        .collect()
+}
+
+/// Unpacks I32 words on the device: `32 / bits` values per word, in order.
+fn unpack_words<B: Backend>(words: Tensor<B, 1, Int>, bits: usize) -> Tensor<B, 1, Int> {
+    let per = 32 / bits;
+    let mask = (1i64 << bits) - 1;
+    let n = words.dims()[0];
+    let parts: Vec<Tensor<B, 1, Int>> = (0..per)
+        .map(|j| {
+            words
+                .clone()
+                .bitwise_right_shift_scalar(((bits * j) as i64).elem())
+                .bitwise_and_scalar(mask.elem())
+        })
+        .collect();
+    Tensor::stack::<2>(parts, 1).reshape([n * per])
+}
+
+fn floats<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
+fn ints<B: Backend>(v: Vec<i32>, device: &B::Device) -> Tensor<B, 1, Int> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), int_options::<B>(device))
+}
+
+fn host_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Vec<f32> {
+    t.to_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap_or_default()
+}
+
+fn host_i32<B: Backend>(t: &Tensor<B, 1, Int>) -> Vec<i32> {
+    t.to_data()
+        .convert::<i32>()
+        .to_vec::<i32>()
+        .unwrap_or_default()
+}
+
+impl<B: Backend> Linear4bit<B> {
+    /// Puts a quantized weight on the device, with the standard code tables.
+    pub fn from_quantized(
+        q: &QuantizedWeight,
+        bias: Option<Tensor<B, 1>>,
+        device: &B::Device,
+    ) -> Self {
+        let nested_map = dynamic_map().to_vec();
+        Self::from_quantized_with_tables(q, &q.codes.quant_type.table(), &nested_map, bias, device)
+    }
+
+    /// Puts a quantized weight on the device with the given code tables (as read from a
+    /// checkpoint's `quant_map` and `nested_quant_map`).
+    pub fn from_quantized_with_tables(
+        q: &QuantizedWeight,
+        table: &[f32],
+        nested_map: &[f32],
+        bias: Option<Tensor<B, 1>>,
+        device: &B::Device,
+    ) -> Self {
+        let c = &q.codes;
+        let blocks = c.numel.div_ceil(c.blocksize);
+        let mut codes = crate::quant::unpack_nibbles(&c.packed, c.numel);
+        codes.resize(blocks * c.blocksize, 0);
+        let words = ints(pack_words(&codes, 4), device);
+        let (absmax, qabsmax, nested_absmax, nested, offset) = match &q.double {
+            Some(d) => {
+                let mut qa = d.codes.clone();
+                qa.resize(blocks.div_ceil(NESTED_BLOCKSIZE) * NESTED_BLOCKSIZE, 0);
+                (
+                    None,
+                    Some(ints(pack_words(&qa, 8), device)),
+                    Some(floats(d.nested_absmax.clone(), device)),
+                    Some(floats(nested_map.to_vec(), device)),
+                    d.offset,
+                )
+            }
+            None => (
+                Some(floats(c.absmax.clone(), device)),
+                None,
+                None,
+                None,
+                0.0,
+            ),
+        };
+        Self {
+            words,
+            table: floats(table.to_vec(), device),
+            absmax,
+            qabsmax,
+            nested_absmax,
+            nested_map: nested,
+            bias: bias.map(Param::from_tensor),
+            meta: Linear4bitMeta {
+                shape: q.shape,
+                config: q.config(),
+                offset,
+            },
+        }
+    }
+
+    /// Quantizes a dense `[out, in]` weight with `config` onto its device.
+    ///
+    /// # Errors
+    /// [`QloraError::InvalidConfig`] for an unsupported block size.
+    pub fn quantize(
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+        config: &QuantConfig,
+    ) -> Result<Self> {
+        let device = weight.device();
+        let shape = weight.dims();
+        let q = QuantizedWeight::quantize(&host_f32(&weight), shape, config)?;
+        Ok(Self::from_quantized(&q, bias.map(Tensor::detach), &device))
+    }
+
+    /// Reads the codes and statistics back from the device, in bitsandbytes' layout.
+    pub fn to_quantized(&self) -> QuantizedWeight {
+        let m = &self.meta;
+        let numel = m.shape[0] * m.shape[1];
+        let bs = m.config.blocksize;
+        let blocks = numel.div_ceil(bs);
+        let mut codes = unpack_words_host(&host_i32(&self.words), 4);
+        codes.truncate(numel);
+        let qt = m.config.quant_type;
+        if codes.len() % 2 == 1 {
+            // bitsandbytes pads an odd count with the code of 0.
+            let zero = crate::quant::quantize_4bit(&[0.0; 1], bs, qt)
+                .map(|p| p.packed[0] >> 4)
+                .unwrap_or(0);
+            codes.push(zero);
+        }
+        let packed = codes.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
+        let double = self.qabsmax.as_ref().map(|qa| {
+            let mut c = unpack_words_host(&host_i32(qa), 8);
+            c.truncate(blocks);
+            DoubleQuant {
+                codes: c,
+                nested_absmax: self
+                    .nested_absmax
+                    .as_ref()
+                    .map(host_f32)
+                    .unwrap_or_default(),
+                offset: m.offset,
+            }
+        });
+        let absmax = match (&self.absmax, &double) {
+            (Some(a), _) => host_f32(a),
+            _ => vec![],
+        };
+        QuantizedWeight {
+            codes: Packed4bit {
+                packed,
+                absmax,
+                numel,
+                blocksize: bs,
+                quant_type: qt,
+            },
+            double,
+            shape: m.shape,
+        }
+    }
+
+    /// The code table on the device, read back (`weight.quant_map`).
+    pub fn quant_map(&self) -> Vec<f32> {
+        host_f32(&self.table)
+    }
+
+    /// The nested map read back (`weight.nested_quant_map`), with double quantization.
+    pub fn nested_quant_map(&self) -> Option<Vec<f32>> {
+        self.nested_map.as_ref().map(host_f32)
+    }
+
+    /// The per-block absmax as the dequantization uses it, on the device.
+    pub fn block_absmax(&self) -> Tensor<B, 1> {
+        let blocks = self.blocks();
+        if let Some(a) = &self.absmax {
+            return a.clone();
+        }
+        let (Some(qa), Some(na), Some(map)) =
+            (&self.qabsmax, &self.nested_absmax, &self.nested_map)
+        else {
+            // Unreachable by construction: one of the two forms is always present.
+            return Tensor::zeros([blocks], &self.words.device());
+        };
+        let codes = unpack_words(qa.clone(), 8);
+        let padded = codes.dims()[0];
+        let groups = padded / NESTED_BLOCKSIZE;
+        let v = map
+            .clone()
+            .select(0, codes)
+            .reshape([groups, NESTED_BLOCKSIZE])
+            * na.clone().reshape([groups, 1]);
+        v.reshape([padded])
+            .slice([0..blocks])
+            .add_scalar(self.meta.offset)
+    }
+
+    fn blocks(&self) -> usize {
+        (self.meta.shape[0] * self.meta.shape[1]).div_ceil(self.meta.config.blocksize)
+    }
+
+    /// Bytes the quantized weight occupies on the device (codes, statistics and tables;
+    /// the bias is not counted).
+    pub fn device_bytes(&self) -> usize {
+        fn size<B: Backend, const D: usize, K: burn::tensor::BasicOps<B>>(
+            t: &Tensor<B, D, K>,
+        ) -> usize {
+            t.shape().num_elements() * t.dtype().size()
+        }
+        size(&self.words)
+            + size(&self.table)
+            + self.absmax.as_ref().map_or(0, size)
+            + self.qabsmax.as_ref().map_or(0, size)
+            + self.nested_absmax.as_ref().map_or(0, size)
+            + self.nested_map.as_ref().map_or(0, size)
+    }
+
+    /// Number of weight parameters (`out * in`).
+    pub fn num_weights(&self) -> usize {
+        self.meta.shape[0] * self.meta.shape[1]
+    }
+}
+
+impl<B: Backend> LinearWeight<B> for Linear4bit<B> {
+    /// Quantizes with [`current_quant_config`] (NF4, block 64, double quantization unless
+    /// [`with_quant_config`] says otherwise), or takes the weight a bitsandbytes checkpoint
+    /// loader staged for this layer. An unsupported configured block size cannot occur:
+    /// [`with_quant_config`] validates it.
+    fn from_dense(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        let device = weight.device();
+        let shape = weight.dims();
+        let q = match take_staged(shape) {
+            Some(q) => q,
+            None => {
+                let config = current_quant_config();
+                QuantizedWeight::quantize(&host_f32(&weight), shape, &config)
+                    .or_else(|_| {
+                        QuantizedWeight::quantize(
+                            &host_f32(&weight),
+                            shape,
+                            &QuantConfig::default(),
+                        )
+                    })
+                    .unwrap_or_else(|_| unreachable_quantize(shape))
+            }
+        };
+        Self::from_quantized(&q, bias.map(Tensor::detach), &device)
+    }
+
+    fn in_features(&self) -> usize {
+        self.meta.shape[1]
+    }
+
+    fn out_features(&self) -> usize {
+        self.meta.shape[0]
+    }
+
+    fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let w = self.weight().transpose();
+        let y = x.matmul(w.unsqueeze::<D>());
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze::<D>(),
+            None => y,
+        }
+    }
+
+    fn weight(&self) -> Tensor<B, 2> {
+        let [out, inp] = self.meta.shape;
+        let bs = self.meta.config.blocksize;
+        let blocks = self.blocks();
+        let codes = unpack_words(self.words.clone(), 4).slice([0..blocks * bs]);
+        let values = self.table.clone().select(0, codes).reshape([blocks, bs])
+            * self.block_absmax().reshape([blocks, 1]);
+        values
+            .reshape([blocks * bs])
+            .slice([0..out * inp])
+            .reshape([out, inp])
+    }
+
+    fn bias(&self) -> Option<Tensor<B, 1>> {
+        self.bias.as_ref().map(Param::val)
+    }
+
+    /// Requantizes `weight` with this layer's settings (lossy: see
+    /// [`crate::merge_requantize`] for the error it makes).
+    fn set_weight(
+        &mut self,
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> peft_core::Result<()> {
+        let [out, inp] = weight.dims();
+        if [out, inp] != self.meta.shape {
+            return Err(PeftError::Unsupported(format!(
+                "cannot set a [{out}, {inp}] weight on a 4-bit layer of shape {:?}",
+                self.meta.shape
+            )));
+        }
+        let device = weight.device();
+        let q =
+            QuantizedWeight::quantize(&host_f32(&weight.detach()), [out, inp], &self.meta.config)
+                .map_err(|e| PeftError::Unsupported(e.to_string()))?;
+        let table = self.quant_map();
+        let nested = self
+            .nested_quant_map()
+            .unwrap_or_else(|| dynamic_map().to_vec());
+        let old_bias = self.bias.take();
+        let mut new = Self::from_quantized_with_tables(&q, &table, &nested, None, &device);
+        new.bias = match (old_bias, bias) {
+            (Some(old), Some(b)) => {
+                let rg = old.is_require_grad();
+                Some(Param::initialized(old.id, b.detach().set_require_grad(rg)))
+            }
+            (old, None) => old,
+            (None, Some(_)) => {
+                return Err(PeftError::Unsupported(
+                    "cannot add a bias to a 4-bit linear layer that has none".into(),
+                ));
+            }
+        };
+        *self = new;
+        Ok(())
+    }
+}
+
+/// The default configuration is always valid; this only satisfies the types.
+fn unreachable_quantize(shape: [usize; 2]) -> QuantizedWeight {
+    let numel = shape[0] * shape[1];
+    QuantizedWeight {
+        codes: Packed4bit {
+            packed: vec![0; numel.div_ceil(2)],
+            absmax: vec![0.0; numel.div_ceil(64)],
+            numel,
+            blocksize: 64,
+            quant_type: crate::quant::QuantType::Nf4,
+        },
+        double: None,
+        shape,
+    }
+}
+
+impl From<QloraError> for PeftError {
+    fn from(e: QloraError) -> Self {
+        match e {
+            QloraError::Peft(p) => p,
+            other => PeftError::Unsupported(other.to_string()),
+        }
+    }
+}
