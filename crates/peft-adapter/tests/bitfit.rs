@@ -74,7 +74,7 @@ where
     let out = model.forward(ForwardInput::new(ids.clone()), None);
     let vocab = out.dims()[2];
     let pred = out.reshape([n, vocab]).slice([0..n - 1, 0..vocab]);
-    let target = ids.reshape([n]).slice([1..n]);
+    let target = ids.reshape([n]).slice(1..n);
     let loss = CrossEntropyLossConfig::new()
         .init(device)
         .forward(pred, target);
