@@ -227,3 +227,34 @@ fn composes_with_lora_in_one_slot() {
     }
     let _ = NoAdapter;
 }
+
+/// The other direction: an (IA)^3 adapter made here (random vectors, peft's default Llama
+/// targets) with its logits, for Python's peft to load and compare. Runs only when
+/// `PEFT_ADAPTER_EXPORT` names an output directory.
+#[test]
+fn export_for_python() {
+    let Some(out) = std::env::var_os("PEFT_ADAPTER_EXPORT").map(std::path::PathBuf::from) else {
+        println!("skipped: set PEFT_ADAPTER_EXPORT=DIR to write an (IA)^3 adapter for peft");
+        return;
+    };
+    let device = Default::default();
+    let fields = Ia3Fields {
+        init_ia3_weights: false,
+        ..ia3::default_fields("llama").unwrap()
+    };
+    let cfg = AdapterConfig::new(fields.clone())
+        .with_task_type("CAUSAL_LM")
+        .with_base_model("llama_gqa");
+    let mut m: Ia3Llama<B> = common::llama("llama_gqa", &device);
+    ia3::add_adapter(&mut m, "default", &fields, &device).unwrap();
+    ia3::save_adapter(&m, "default", &cfg, &out).unwrap();
+    let l = logits(&m, &device);
+    peft_core::format::TensorFile::write(
+        out.join("burn_logits.safetensors"),
+        vec![(
+            "logits".into(),
+            TensorData::new(l, [common::SEQ.len(), 256]),
+        )],
+    )
+    .unwrap();
+}
