@@ -224,10 +224,10 @@ impl BnbCheckpoint {
         let [out, inp] = shape[..] else {
             return Err(bad(format!("quant_state shape {shape:?} is not [out, in]")));
         };
-        if let Some(t) = state.get("quant_type").and_then(Value::as_str) {
-            if QuantType::parse(t).ok() != Some(qt) {
-                return Err(bad(format!("quant_state says {t} but its key says {qt}")));
-            }
+        if let Some(t) = state.get("quant_type").and_then(Value::as_str)
+            && QuantType::parse(t).ok() != Some(qt)
+        {
+            return Err(bad(format!("quant_state says {t} but its key says {qt}")));
         }
         let numel = out * inp;
         let blocks = numel.div_ceil(blocksize);
@@ -384,8 +384,10 @@ impl WeightSource for BnbCheckpoint {
     /// f32.
     fn take(&mut self, name: &str, expected: &[usize]) -> peft_models::Result<TensorData> {
         let to_model = |e: QloraError| peft_models::ModelError::InvalidInput(e.to_string());
-        if let Some(prefix) = name.strip_suffix(".weight") {
-            if self.quant_type(prefix).is_some() {
+        if let Some(prefix) = name.strip_suffix(".weight")
+            && self.quant_type(prefix).is_some()
+        {
+            {
                 let l = self.read_linear(prefix).map_err(to_model)?;
                 if l.weight.shape[..] != *expected {
                     return Err(peft_models::ModelError::ShapeMismatch {

@@ -337,7 +337,7 @@ impl<B: Backend> Linear4bit<B> {
             .reshape([groups, NESTED_BLOCKSIZE])
             * na.clone().reshape([groups, 1]);
         v.reshape([padded])
-            .slice([0..blocks])
+            .slice(0..blocks)
             .add_scalar(self.meta.offset)
     }
 
@@ -414,12 +414,12 @@ impl<B: Backend> LinearWeight<B> for Linear4bit<B> {
         let [out, inp] = self.meta.shape;
         let bs = self.meta.config.blocksize;
         let blocks = self.blocks();
-        let codes = unpack_words(self.words.clone(), 4).slice([0..blocks * bs]);
+        let codes = unpack_words(self.words.clone(), 4).slice(0..blocks * bs);
         let values = self.table.clone().select(0, codes).reshape([blocks, bs])
             * self.block_absmax().reshape([blocks, 1]);
         values
             .reshape([blocks * bs])
-            .slice([0..out * inp])
+            .slice(0..out * inp)
             .reshape([out, inp])
     }
 
