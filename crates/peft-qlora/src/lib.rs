@@ -13,7 +13,7 @@
 //! - [`quant`]: host-side blockwise quantization ([`quant::quantize_4bit`],
 //!   [`quant::DoubleQuant`], [`quant::QuantizedWeight`]).
 //! - [`Linear4bit`]: the frozen 4-bit layer, a [`peft_core::inject::LinearWeight`] that keeps
-//!   only the codes and statistics on the device (about 0.516 bytes per weight).
+//!   only the codes and statistics on the device (about 0.517 bytes per weight).
 //! - [`bnb`]: the bitsandbytes checkpoint layout, read and written.
 //! - [`model`]: [`QloraLlama`], loading ([`load_qlora_llama`]), quantizing a loaded model
 //!   ([`quantize_llama`]), saving ([`save_bnb_llama`]), merging ([`merge_requantize`],

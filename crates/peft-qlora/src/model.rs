@@ -430,7 +430,7 @@ pub struct BaseMemory {
 }
 
 impl BaseMemory {
-    /// Bytes per quantized weight (0.5 for the codes, about 0.516 with double quantization
+    /// Bytes per quantized weight (0.5 for the codes, about 0.517 with double quantization
     /// at block size 64 on layers of realistic size).
     pub fn bytes_per_parameter(&self) -> f64 {
         if self.weights == 0 {
