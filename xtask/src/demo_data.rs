@@ -2,7 +2,9 @@
 //! JSON. Answers are exactly checkable, and the sentences vary in wording, order and
 //! distracting numbers, so the model has to read them rather than copy a position.
 //!
-//! `cargo xtask demo-data` writes `data/demo/{train,val,test}.jsonl` (deterministic). The
+//! `cargo xtask demo-data` writes `data/demo/{train,val,test}.jsonl` (deterministic), and
+//! `preferences.jsonl` / `preferences_val.jsonl` for DPO: the exact one-line JSON is
+//! preferred over a verbose, wrapped, string-typed or wrong-age answer. The
 //! test set uses first names and cities that never occur in training, and two sentence
 //! templates held out of training, so its score measures extraction rather than memory.
 
@@ -99,7 +101,46 @@ impl Rng {
     }
 }
 
+/// One example's parts: the prompt, the exact answer, and the fields (for verbose or
+/// wrong answers).
+struct Parts {
+    prompt: String,
+    completion: String,
+    name: String,
+    age: u64,
+    city: String,
+    distractor: u64,
+}
+
 fn example(rng: &mut Rng, first: &[&str], cities: &[&str], templates: &[&str]) -> String {
+    let p = parts(rng, first, cities, templates);
+    serde_json::json!({"prompt": p.prompt, "completion": p.completion}).to_string()
+}
+
+/// A preference pair: the exact one-line JSON is preferred over a verbose, wrapped or
+/// subtly wrong answer.
+fn preference(rng: &mut Rng) -> String {
+    let p = parts(rng, FIRST, CITIES, TEMPLATES);
+    let (name, age, city) = (&p.name, p.age, &p.city);
+    let rejected = match rng.next() % 4 {
+        0 => format!(
+            "Sure! Here is the extracted information:\n```json\n{}\n```",
+            p.completion
+        ),
+        1 => format!(
+            "The person's name is {name}, they are {age} years old, and they live in {city}."
+        ),
+        2 => format!("{{\"name\": \"{name}\", \"age\": \"{age}\", \"city\": \"{city}\"}}"),
+        _ => format!(
+            "{{\"name\": \"{name}\", \"age\": {}, \"city\": \"{city}\"}}",
+            p.distractor
+        ),
+    };
+    serde_json::json!({"prompt": p.prompt, "chosen": p.completion, "rejected": rejected})
+        .to_string()
+}
+
+fn parts(rng: &mut Rng, first: &[&str], cities: &[&str], templates: &[&str]) -> Parts {
     let name = format!("{} {}", rng.pick(first), rng.pick(LAST));
     let age = rng.range(18, 89);
     let city = rng.pick(cities);
@@ -118,7 +159,14 @@ fn example(rng: &mut Rng, first: &[&str], cities: &[&str], templates: &[&str]) -
     let prompt = format!("{INSTRUCTION}\n\nSentence: {sentence}");
     // The format a JSON serialiser with ", " and ": " separators writes (Python's json.dumps).
     let completion = format!("{{\"name\": \"{name}\", \"age\": {age}, \"city\": \"{city}\"}}");
-    serde_json::json!({"prompt": prompt, "completion": completion}).to_string()
+    Parts {
+        prompt,
+        completion,
+        name,
+        age,
+        city: city.to_string(),
+        distractor: x,
+    }
 }
 
 fn write(path: &Path, lines: &[String]) -> Result<()> {
@@ -152,14 +200,18 @@ pub fn generate(dir: &Path) -> Result<()> {
             example(&mut rng, FIRST_TEST, CITIES_TEST, templates)
         })
         .collect();
+    let preferences: Vec<String> = (0..320).map(|_| preference(&mut rng)).collect();
     write(&dir.join("train.jsonl"), &train)?;
+    write(&dir.join("preferences.jsonl"), &preferences[..300])?;
+    write(&dir.join("preferences_val.jsonl"), &preferences[300..])?;
     write(&dir.join("val.jsonl"), &val)?;
     write(&dir.join("test.jsonl"), &test)?;
     println!(
-        "wrote {} training, {} validation and {} test examples to {}",
+        "wrote {} training, {} validation and {} test examples and {} preference pairs to {}",
         train.len(),
         val.len(),
         test.len(),
+        preferences.len(),
         dir.display()
     );
     Ok(())

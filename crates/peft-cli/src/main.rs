@@ -4,6 +4,7 @@
 //! `peft inspect-adapter` reads adapters in the Hugging Face PEFT format. Fine-tuning,
 //! evaluation and merging join as their crates land (see README.md).
 
+mod dpo;
 mod models;
 mod train;
 
@@ -38,6 +39,9 @@ enum Command {
     /// Fine-tune a model with LoRA (or fully, as a baseline) on JSONL data: checkpoints,
     /// metrics.jsonl, a loss plot, before/after scores, and the adapter in peft's format.
     Train(Box<train::TrainArgs>),
+    /// Direct preference optimisation: train a LoRA adapter on (prompt, chosen, rejected)
+    /// pairs, with the model before the adapter as the reference.
+    Dpo(Box<dpo::DpoArgs>),
     /// Loss, perplexity and exact-match accuracy of greedy answers on a JSONL file, with or
     /// without adapters.
     Eval(train::EvalArgs),
@@ -174,6 +178,7 @@ fn main() -> ExitCode {
         Command::Merge(a) => models::merge(a),
         Command::Train(a) => train::run(a),
         Command::Eval(a) => train::eval(a),
+        Command::Dpo(a) => dpo::run(a),
         Command::InspectAdapter { dir, json } => inspect_adapter(dir, *json),
     };
     match result {

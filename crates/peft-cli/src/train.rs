@@ -225,36 +225,36 @@ pub struct TrainArgs {
 
 /// The fully resolved options of a run.
 #[derive(Debug, Clone, Serialize)]
-struct Resolved {
-    model: PathBuf,
-    method: Method,
-    data: PathBuf,
-    val_data: Option<PathBuf>,
-    val_fraction: f64,
-    eval_data: Option<PathBuf>,
-    general_text: Option<PathBuf>,
-    out: PathBuf,
-    seq_len: usize,
-    pack: bool,
-    rank: usize,
-    alpha: f64,
-    dropout: f64,
-    targets: String,
-    render: RenderOptions,
-    max_new_tokens: usize,
-    options: TrainOptions,
-    grad_checkpointing: bool,
-    warmup_steps: Option<usize>,
+pub(crate) struct Resolved {
+    pub(crate) model: PathBuf,
+    pub(crate) method: Method,
+    pub(crate) data: PathBuf,
+    pub(crate) val_data: Option<PathBuf>,
+    pub(crate) val_fraction: f64,
+    pub(crate) eval_data: Option<PathBuf>,
+    pub(crate) general_text: Option<PathBuf>,
+    pub(crate) out: PathBuf,
+    pub(crate) seq_len: usize,
+    pub(crate) pack: bool,
+    pub(crate) rank: usize,
+    pub(crate) alpha: f64,
+    pub(crate) dropout: f64,
+    pub(crate) targets: String,
+    pub(crate) render: RenderOptions,
+    pub(crate) max_new_tokens: usize,
+    pub(crate) options: TrainOptions,
+    pub(crate) grad_checkpointing: bool,
+    pub(crate) warmup_steps: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-enum Method {
+pub(crate) enum Method {
     Lora,
     Full,
 }
 
-fn resolve_model(p: &Path) -> PathBuf {
+pub(crate) fn resolve_model(p: &Path) -> PathBuf {
     if p.as_os_str() == "smollm2" && !p.exists() {
         smollm2_gguf_path()
     } else {
@@ -264,9 +264,13 @@ fn resolve_model(p: &Path) -> PathBuf {
 
 impl Resolved {
     fn new(a: &TrainArgs) -> Result<Self> {
-        let s = match &a.config {
-            Some(c) => a.settings.or(&TrainSettings::from_file(c)?),
-            None => a.settings.clone(),
+        Self::from_settings(a.config.as_deref(), &a.settings)
+    }
+
+    pub(crate) fn from_settings(config: Option<&Path>, settings: &TrainSettings) -> Result<Self> {
+        let s = match config {
+            Some(c) => settings.or(&TrainSettings::from_file(c)?),
+            None => settings.clone(),
         };
         let model = resolve_model(
             &s.model
@@ -348,7 +352,7 @@ impl Resolved {
     }
 }
 
-fn targets_of(spec: &str) -> Targets {
+pub(crate) fn targets_of(spec: &str) -> Targets {
     if spec == "all-linear" || spec.contains(['*', '(', '[', '|', '\\', '$', '^']) {
         Targets::Pattern(spec.to_string())
     } else {
@@ -441,7 +445,7 @@ fn score<B: Backend, M: CausalLm<B>>(
     ))
 }
 
-fn pad_id(tok: &Tokenizer) -> u32 {
+pub(crate) fn pad_id(tok: &Tokenizer) -> u32 {
     tok.special_token("pad_token")
         .and_then(|t| tok.token_to_id(t))
         .or_else(|| tok.eos_token_ids().first().copied())

@@ -251,3 +251,121 @@ fn a_malformed_data_line_is_reported_with_its_line_number() {
     let err = String::from_utf8_lossy(&a.get_output().stderr).to_string();
     assert!(err.contains("d.jsonl:3:"), "{err}");
 }
+
+#[test]
+fn sft_then_dpo_runs_end_to_end_at_a_tiny_scale() {
+    // The worked example of docs/rlhf.md, shrunk: SFT on 4 examples, then DPO from the
+    // SFT adapter on 4 preference pairs.
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (train, prefs, prefs_val) = (
+        dir.path().join("t.jsonl"),
+        dir.path().join("p.jsonl"),
+        dir.path().join("pv.jsonl"),
+    );
+    demo_lines("train.jsonl", 0..4, &train);
+    demo_lines("preferences.jsonl", 0..4, &prefs);
+    demo_lines("preferences_val.jsonl", 0..2, &prefs_val);
+    let sft = dir.path().join("sft");
+    Command::cargo_bin("peft")
+        .unwrap()
+        .args([
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            train.to_str().unwrap(),
+            "--out",
+            sft.to_str().unwrap(),
+        ])
+        .args([
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--rank",
+            "4",
+            "--lr",
+            "1e-3",
+            "--val-fraction",
+            "0",
+        ])
+        .assert()
+        .success();
+    let dpo = dir.path().join("dpo");
+    let out = Command::cargo_bin("peft")
+        .unwrap()
+        .args([
+            "dpo",
+            "--model",
+            model.to_str().unwrap(),
+            "--from-adapter",
+            sft.join("adapter").to_str().unwrap(),
+        ])
+        .args([
+            "--data",
+            prefs.to_str().unwrap(),
+            "--val-data",
+            prefs_val.to_str().unwrap(),
+            "--out",
+            dpo.to_str().unwrap(),
+        ])
+        .args([
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--rank",
+            "4",
+            "--lr",
+            "1e-3",
+            "--beta",
+            "0.1",
+            "--loss-type",
+            "sigmoid",
+        ])
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(stdout.contains("| margin |"), "{stdout}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dpo.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        for k in [
+            "loss",
+            "rewards_chosen",
+            "rewards_rejected",
+            "margin",
+            "tokens_per_s",
+        ] {
+            assert!(l[k].as_f64().unwrap().is_finite(), "{k} in {l}");
+        }
+    }
+    // The first step starts from a no-op adapter: policy = reference, loss = ln 2.
+    assert!(
+        (lines[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-3,
+        "{}",
+        lines[0]
+    );
+    assert!(dpo.join("adapter/adapter_model.safetensors").exists());
+    let bad = Command::cargo_bin("peft")
+        .unwrap()
+        .args([
+            "dpo",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            prefs.to_str().unwrap(),
+            "--out",
+            dir.path().join("x").to_str().unwrap(),
+            "--loss-type",
+            "nope",
+        ])
+        .assert()
+        .failure();
+    assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("unknown DPO loss"));
+}

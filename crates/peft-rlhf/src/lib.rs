@@ -28,3 +28,8 @@ pub mod dpo;
 
 /// The supervised fine-tuning objective (token cross-entropy, prompt tokens masked).
 pub use peft_train::trainer::TokenCrossEntropy as Sft;
+
+/// The Rust examples of docs/rlhf.md, compiled as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/rlhf.md")]
+pub struct RlhfGuideDoctests;

@@ -352,11 +352,7 @@ pub fn prepare(
 
 /// Splits off `fraction` of the records (at least one, when there are two or more) as a
 /// validation set, chosen by `seed`. Returns `(train, validation)`.
-pub fn split_validation(
-    records: Vec<Record>,
-    fraction: f64,
-    seed: u64,
-) -> (Vec<Record>, Vec<Record>) {
+pub fn split_validation<T>(records: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     if records.len() < 2 || fraction <= 0.0 {
         return (records, Vec::new());
     }
