@@ -283,6 +283,10 @@ where
 {
     /// Final hidden states `[batch, positions, hidden]` (virtual tokens included) and the
     /// number of virtual tokens prepended.
+    ///
+    /// `input.padding` covers the real tokens only (past and present); the virtual tokens
+    /// of the embedding slot and the prefixes of the key/value slot are always attended to,
+    /// as peft prepends ones to the attention mask for them.
     pub fn forward_hidden(
         &self,
         input: ForwardInput<'_, B>,
@@ -310,10 +314,18 @@ where
             start..start + queries,
             &device,
         );
+        // The padding mask covers the real tokens only; the virtual tokens sit at the start
+        // of the sequence (and of the cache, on later passes) and are always attended to, as
+        // peft prepends ones to the attention mask on every pass.
+        let virt_cached = if past == 0 {
+            virt
+        } else {
+            self.model.embed_adapter.num_virtual_tokens()
+        };
         let padding = input.padding.map(|p| {
             p.iter()
                 .map(|row| {
-                    std::iter::repeat_n(true, virt)
+                    std::iter::repeat_n(true, virt_cached)
                         .chain(row.iter().copied())
                         .collect::<Vec<_>>()
                 })
