@@ -208,6 +208,69 @@ pub fn load_lm<B: Backend>(
     Ok(model)
 }
 
+/// Loads a model with adapters of any method this build has: LoRA (any architecture),
+/// (IA)^3, bottleneck adapters, prompt tuning, P-tuning and prefix tuning (Llama family;
+/// LoRA together with one prompt-learning adapter too). `merge` applies to the methods
+/// that merge (LoRA, (IA)^3).
+pub fn load_any<B: Backend + 'static>(
+    path: &Path,
+    adapters: &[PathBuf],
+    merge: bool,
+    device: &B::Device,
+) -> Result<Box<dyn CausalLm<B>>> {
+    let mut types = Vec::new();
+    for dir in adapters {
+        let t = peft_core::config::read_peft_type(dir)
+            .with_context(|| format!("reading the adapter in {}", dir.display()))?;
+        types.push(t);
+    }
+    let is_prompt = |t: &str| matches!(t, "PROMPT_TUNING" | "P_TUNING" | "PREFIX_TUNING");
+    if types.iter().all(|t| t == "LORA") {
+        return Ok(Box::new(load_lm::<B>(path, adapters, merge, device)?));
+    }
+    let names: Vec<String> = (0..adapters.len()).map(|i| format!("adapter{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    match types.as_slice() {
+        [t] if t == "IA3" => {
+            let mut m: peft_adapter::Ia3Llama<B> = peft_models::load_llama(path, device)?;
+            peft_adapter::ia3::load_adapter(&mut m, &adapters[0], &names[0], device)?;
+            if merge {
+                peft_core::model::merge_adapters(&mut m, None, true)?;
+            }
+            Ok(Box::new(m))
+        }
+        [t] if t == "BOTTLENECK" => {
+            let mut m: peft_adapter::BottleneckLlama<B> = peft_models::load_llama(path, device)?;
+            peft_adapter::bottleneck::load_adapter(&mut m, &adapters[0], &names[0], device)?;
+            Ok(Box::new(m))
+        }
+        ts if ts.iter().filter(|t| is_prompt(t)).count() == 1
+            && ts.iter().all(|t| t == "LORA" || is_prompt(t)) =>
+        {
+            let mut m: peft_prompt::LoraPromptLlama<B> = peft_models::load_llama(path, device)?;
+            for ((dir, t), name) in adapters.iter().zip(ts).zip(&names) {
+                if t == "LORA" {
+                    peft_lora::load_adapter(&mut m, dir, name, device)
+                        .with_context(|| format!("loading the adapter in {}", dir.display()))?;
+                } else {
+                    peft_prompt::load_adapter(&mut m, dir, name, device)
+                        .with_context(|| format!("loading the adapter in {}", dir.display()))?;
+                }
+            }
+            peft_core::model::set_active_adapters(&mut m, &refs)?;
+            if merge {
+                peft_core::model::merge_adapters(&mut m, None, true)?;
+            }
+            Ok(Box::new(m))
+        }
+        ts => bail!(
+            "this build runs LoRA adapters together, or one (IA)^3, bottleneck or \
+             prompt-learning adapter (the last optionally with LoRA adapters); got {}",
+            ts.join(" + ")
+        ),
+    }
+}
+
 fn is_gguf(path: &Path) -> bool {
     path.extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
@@ -227,7 +290,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
 }
 
 fn generate_on<B: Backend>(a: &GenerateArgs, device: &B::Device) -> Result<()> {
-    let model = load_lm::<B>(&a.model, &a.adapters.adapters, a.adapters.merge, device)?;
+    let model = load_any::<B>(&a.model, &a.adapters.adapters, a.adapters.merge, device)?;
     let tokenizer = load_tokenizer(&a.model)?;
     let ids = if a.chat {
         let mut msgs = Vec::new();
@@ -294,7 +357,7 @@ pub fn logits(a: &LogitsArgs) -> Result<()> {
 }
 
 fn logits_on<B: Backend>(a: &LogitsArgs, ids: &[i32], device: &B::Device) -> Result<()> {
-    let model = load_lm::<B>(&a.model, &a.adapters.adapters, a.adapters.merge, device)?;
+    let model = load_any::<B>(&a.model, &a.adapters.adapters, a.adapters.merge, device)?;
     let vocab = model.vocab_size();
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
         bail!("token id {bad} is outside the vocabulary (size {vocab})");

@@ -131,6 +131,12 @@ pub struct TrainSettings {
     /// Pause after this step with a checkpoint; continue later with --resume.
     #[arg(long)]
     pub stop_at: Option<usize>,
+    /// Virtual tokens of prompt tuning, P-tuning and prefix tuning (default 20).
+    #[arg(long)]
+    pub num_virtual_tokens: Option<usize>,
+    /// Initialise prompt tuning from the embeddings of this text (peft's TEXT init).
+    #[arg(long)]
+    pub prompt_init_text: Option<String>,
 }
 
 macro_rules! merge_fields {
@@ -178,6 +184,8 @@ impl TrainSettings {
             max_new_tokens,
             grad_checkpointing,
             stop_at,
+            num_virtual_tokens,
+            prompt_init_text,
         )
     }
 
@@ -245,6 +253,9 @@ pub(crate) struct Resolved {
     pub(crate) options: TrainOptions,
     pub(crate) grad_checkpointing: bool,
     pub(crate) warmup_steps: Option<usize>,
+    pub(crate) quantize: Option<String>,
+    pub(crate) num_virtual_tokens: usize,
+    pub(crate) prompt_init_text: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -252,6 +263,12 @@ pub(crate) struct Resolved {
 pub(crate) enum Method {
     Lora,
     Full,
+    Ia3,
+    Bottleneck,
+    Bitfit,
+    Prompt,
+    PTuning,
+    Prefix,
 }
 
 pub(crate) fn resolve_model(p: &Path) -> PathBuf {
@@ -281,17 +298,30 @@ impl Resolved {
             .context("--data is required (or `data` in --config)")?;
         let out = s.out.context("--out is required (or `out` in --config)")?;
         let method = match s.method.as_deref().unwrap_or("lora") {
-            "lora" => Method::Lora,
+            "lora" | "qlora" => Method::Lora,
             "full" => Method::Full,
-            m @ ("qlora" | "ia3" | "adapter" | "prompt" | "prefix" | "p-tuning") => {
-                bail!("--method {m} is not available in this build yet; use lora or full")
-            }
-            m => bail!("unknown --method `{m}`; use lora or full"),
+            "ia3" => Method::Ia3,
+            "adapter" | "bottleneck" => Method::Bottleneck,
+            "bitfit" => Method::Bitfit,
+            "prompt" => Method::Prompt,
+            "p-tuning" => Method::PTuning,
+            "prefix" => Method::Prefix,
+            m => bail!(
+                "unknown --method `{m}`; use lora, qlora, ia3, adapter, bitfit, prompt, p-tuning, prefix or full"
+            ),
         };
-        if let Some(q) = &s.quantize {
-            bail!(
-                "--quantize {q}: 4-bit quantization of the base is not available in this build yet"
-            );
+        let quantize = match (s.method.as_deref(), &s.quantize) {
+            (_, Some(q)) => Some(q.to_ascii_lowercase()),
+            (Some("qlora"), None) => Some("nf4".to_string()),
+            _ => None,
+        };
+        if let Some(q) = &quantize {
+            if method != Method::Lora {
+                bail!("--quantize {q} trains LoRA over the 4-bit base: use --method lora or qlora");
+            }
+            if !matches!(q.as_str(), "nf4" | "fp4") {
+                bail!("--quantize takes nf4 or fp4, not `{q}`");
+            }
         }
         let rank = s.rank.unwrap_or(16);
         let decay = match s.schedule.as_deref().unwrap_or("linear") {
@@ -348,6 +378,9 @@ impl Resolved {
             options,
             grad_checkpointing: s.grad_checkpointing.unwrap_or(false),
             warmup_steps: s.warmup_steps,
+            quantize,
+            num_virtual_tokens: s.num_virtual_tokens.unwrap_or(20),
+            prompt_init_text: s.prompt_init_text,
         })
     }
 }
@@ -467,20 +500,56 @@ fn text_chunks(tok: &Tokenizer, text: &str, seq_len: usize) -> Result<Vec<Tokeni
         .collect())
 }
 
-fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) -> Result<()> {
-    let started = std::time::Instant::now();
-    let tok = load_tokenizer(&r.model)?;
+/// What every method's run shares: the prepared data sets and the loop's options.
+struct Prepared {
+    train_set: Vec<Tokenized>,
+    val_set: Vec<Tokenized>,
+    eval_records: Vec<Record>,
+    general: Vec<Tokenized>,
+    stats: PrepareStats,
+    options: TrainOptions,
+}
+
+impl Prepared {
+    fn sets(&self) -> EvalSets<'_> {
+        EvalSets {
+            records: &self.eval_records,
+            general: &self.general,
+            val: &self.val_set,
+        }
+    }
+}
+
+/// Scores the model as loaded, before any adapter is added (none when resuming).
+fn score_before<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    r: &Resolved,
+    resume: bool,
+    tok: &Tokenizer,
+    prep: &Prepared,
+    device: &B::Device,
+) -> Result<Option<Scores>> {
+    println!("model: {} loaded", r.model.display());
+    if resume {
+        return Ok(None);
+    }
+    Ok(Some(
+        score(model, tok, r, &prep.sets(), "before", device)?.0,
+    ))
+}
+
+fn prepare_run(r: &Resolved, tok: &Tokenizer) -> Result<Prepared> {
     let (train_records, val_records) = load_splits(
         &r.data,
         r.val_data.as_deref(),
         r.val_fraction,
         r.options.seed,
     )?;
-    let (train_set, train_stats) = prepare(&tok, &train_records, &r.render, r.seq_len, r.pack)?;
+    let (train_set, stats) = prepare(tok, &train_records, &r.render, r.seq_len, r.pack)?;
     let (val_set, _) = if val_records.is_empty() {
         (Vec::new(), PrepareStats::default())
     } else {
-        prepare(&tok, &val_records, &r.render, r.seq_len, false)?
+        prepare(tok, &val_records, &r.render, r.seq_len, false)?
     };
     let eval_records = match &r.eval_data {
         Some(p) => read_jsonl(p)?,
@@ -490,20 +559,20 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("reading the general text {}", p.display()))?;
-            text_chunks(&tok, &text, r.seq_len.min(256))?
+            text_chunks(tok, &text, r.seq_len.min(256))?
         }
         None => Vec::new(),
     };
     println!(
         "data: {} training examples ({} sequences{}), {} validation, {} test; {} cut to {} tokens ({} target tokens lost)",
-        train_stats.records,
-        train_stats.sequences,
+        stats.records,
+        stats.sequences,
         if r.pack { ", packed" } else { "" },
         val_set.len(),
         eval_records.len(),
-        train_stats.truncated,
+        stats.truncated,
         r.seq_len,
-        train_stats.truncated_tokens
+        stats.truncated_tokens
     );
     let mut options = r.options.clone();
     let total = options.total_steps(train_set.len());
@@ -513,43 +582,301 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
     if options.eval_every.is_none() && !val_set.is_empty() {
         options.eval_every = Some((total / 10).max(1));
     }
+    Ok(Prepared {
+        train_set,
+        val_set,
+        eval_records,
+        general,
+        stats,
+        options,
+    })
+}
 
-    let sets = EvalSets {
-        records: &eval_records,
-        general: &general,
-        val: &val_set,
-    };
-    B::seed(device, r.options.seed);
-    let mut model: Lm<B> = load_lm(&r.model, &[], false, device)?;
-    println!("model: {} loaded", r.model.display());
+/// The prompt-learning config of the run, with peft's defaults for what is not given.
+fn prompt_config(r: &Resolved) -> Result<peft_prompt::PromptConfig> {
+    let n = r.num_virtual_tokens;
+    Ok(match r.method {
+        Method::Prompt => {
+            let v = match &r.prompt_init_text {
+                Some(t) => {
+                    serde_json::json!({"num_virtual_tokens": n, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": t})
+                }
+                None => serde_json::json!({"num_virtual_tokens": n}),
+            };
+            peft_prompt::PromptConfig::PromptTuning(adapter_config(serde_json::from_value(v)?, r))
+        }
+        Method::PTuning => peft_prompt::PromptConfig::PTuning(adapter_config(
+            serde_json::from_value(serde_json::json!({"num_virtual_tokens": n}))?,
+            r,
+        )),
+        _ => peft_prompt::PromptConfig::PrefixTuning(adapter_config(
+            serde_json::from_value(serde_json::json!({"num_virtual_tokens": n}))?,
+            r,
+        )),
+    })
+}
 
-    let before = if resume {
-        None
-    } else {
-        let (s, _) = score(&model.valid(), &tok, r, &sets, "before", device)?;
-        Some(s)
-    };
-    let lora = LoraFields {
+fn adapter_config<C: peft_core::config::MethodConfig>(fields: C, r: &Resolved) -> AdapterConfig<C> {
+    AdapterConfig::new(fields)
+        .with_task_type("CAUSAL_LM")
+        .with_base_model(r.model.display().to_string())
+}
+
+/// The `model_type` of a Hugging Face directory (`llama` for GGUF files and unknowns).
+fn model_type(path: &Path) -> String {
+    std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["model_type"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "llama".into())
+}
+
+fn lora_fields(r: &Resolved) -> LoraFields {
+    LoraFields {
         r: r.rank,
         lora_alpha: r.alpha,
         lora_dropout: r.dropout,
         target_modules: Some(targets_of(&r.targets)),
         ..Default::default()
-    };
-    let model = match r.method {
-        Method::Lora => {
+    }
+}
+
+fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) -> Result<()> {
+    let started = std::time::Instant::now();
+    let tok = load_tokenizer(&r.model)?;
+    let prep = prepare_run(r, &tok)?;
+    B::seed(device, r.options.seed);
+    let cfg_of = |fields| adapter_config(fields, r);
+    let adapter_dir = r.out.join("adapter");
+    match (r.method, &r.quantize) {
+        (Method::Lora, None) => {
+            let mut model: Lm<B> = load_lm(&r.model, &[], false, device)?;
+            let before = score_before(&model.valid(), r, resume, &tok, &prep, device)?;
+            let lora = lora_fields(r);
             match &mut model {
                 Lm::Llama(m) => peft_lora::add_adapter(m, "default", &lora, device)?,
                 Lm::Gpt2(m) => peft_lora::add_adapter(m, "default", &lora, device)?,
             };
-            freeze(model, &AdapterOnly)
+            let model = freeze(model, &AdapterOnly);
+            run_method(
+                r,
+                resume,
+                device,
+                &tok,
+                &prep,
+                started,
+                before,
+                model,
+                |m| {
+                    match m {
+                        Lm::Llama(m) => peft_lora::save_adapter(
+                            m,
+                            "default",
+                            &cfg_of(lora.clone()),
+                            &adapter_dir,
+                        )?,
+                        Lm::Gpt2(m) => peft_lora::save_adapter(
+                            m,
+                            "default",
+                            &cfg_of(lora.clone()),
+                            &adapter_dir,
+                        )?,
+                    };
+                    Ok(adapter_dir.clone())
+                },
+            )
         }
-        Method::Full => freeze(model, &Everything),
-    };
+        (Method::Lora, Some(q)) => {
+            let quant =
+                peft_qlora::QuantConfig::new().with_quant_type(peft_qlora::QuantType::parse(q)?);
+            let mut model: peft_qlora::QloraLlama<B> =
+                peft_qlora::load_qlora_llama(&r.model, &quant, device)?;
+            let memory = peft_qlora::base_memory(&model);
+            println!(
+                "base quantized to {q}: {:.3} bytes per weight of the linear layers",
+                memory.bytes_per_parameter()
+            );
+            let before = score_before(&model.valid(), r, resume, &tok, &prep, device)?;
+            let lora = lora_fields(r);
+            peft_lora::add_adapter(&mut model, "default", &lora, device)?;
+            let model = freeze(model, &AdapterOnly);
+            run_method(
+                r,
+                resume,
+                device,
+                &tok,
+                &prep,
+                started,
+                before,
+                model,
+                |m| {
+                    peft_lora::save_adapter(m, "default", &cfg_of(lora.clone()), &adapter_dir)?;
+                    Ok(adapter_dir.clone())
+                },
+            )
+        }
+        (Method::Full, _) => {
+            let model: Lm<B> = load_lm(&r.model, &[], false, device)?;
+            let before = score_before(&model.valid(), r, resume, &tok, &prep, device)?;
+            let model = freeze(model, &Everything);
+            run_method(
+                r,
+                resume,
+                device,
+                &tok,
+                &prep,
+                started,
+                before,
+                model,
+                |m| {
+                    let dir = r.out.join("model");
+                    let Lm::Llama(m) = m else {
+                        bail!("full fine-tuning writes Llama-family models only in this build");
+                    };
+                    peft_models::export::save_llama_hf(m, Some(&tok), &dir)?;
+                    Ok(dir)
+                },
+            )
+        }
+        (Method::Ia3, _) => {
+            let mut model: peft_adapter::Ia3Llama<B> = peft_models::load_llama(&r.model, device)?;
+            let before = score_before(&model.valid(), r, resume, &tok, &prep, device)?;
+            let mut fields = peft_adapter::ia3::default_fields(&model_type(&r.model))
+                .context("(IA)^3 has no default targets for this model type")?;
+            if r.targets != "all-linear" {
+                fields.target_modules = Some(targets_of(&r.targets));
+            }
+            peft_adapter::ia3::add_adapter(&mut model, "default", &fields, device)?;
+            let model = freeze(model, &AdapterOnly);
+            run_method(
+                r,
+                resume,
+                device,
+                &tok,
+                &prep,
+                started,
+                before,
+                model,
+                |m| {
+                    peft_adapter::ia3::save_adapter(
+                        m,
+                        "default",
+                        &adapter_config(fields.clone(), r),
+                        &adapter_dir,
+                    )?;
+                    Ok(adapter_dir.clone())
+                },
+            )
+        }
+        (Method::Bottleneck, _) => {
+            let mut model: peft_adapter::BottleneckLlama<B> =
+                peft_models::load_llama(&r.model, device)?;
+            let before = score_before(&model.valid(), r, resume, &tok, &prep, device)?;
+            let fields = peft_adapter::bottleneck::BottleneckFields::seq_bn();
+            peft_adapter::bottleneck::add_adapter(&mut model, "default", &fields, device)?;
+            let model = freeze(model, &AdapterOnly);
+            run_method(
+                r,
+                resume,
+                device,
+                &tok,
+                &prep,
+                started,
+                before,
+                model,
+                |m| {
+                    peft_adapter::bottleneck::save_adapter(
+                        m,
+                        "default",
+                        &adapter_config(fields.clone(), r),
+                        &adapter_dir,
+                    )?;
+                    Ok(adapter_dir.clone())
+                },
+            )
+        }
+        (Method::Prompt | Method::PTuning | Method::Prefix, _) => {
+            let mut model: peft_prompt::PromptLearningLlama<B> =
+                peft_models::load_llama(&r.model, device)?;
+            let before = score_before(&model.valid(), r, resume, &tok, &prep, device)?;
+            let config = prompt_config(r)?;
+            let config =
+                peft_prompt::add_adapter(&mut model, "default", &config, Some(&tok), device)?;
+            let model = freeze(model, &AdapterOnly);
+            run_method(
+                r,
+                resume,
+                device,
+                &tok,
+                &prep,
+                started,
+                before,
+                model,
+                |m| {
+                    peft_prompt::save_adapter(m, "default", &config, &adapter_dir)?;
+                    Ok(adapter_dir.clone())
+                },
+            )
+        }
+        (Method::Bitfit, _) => {
+            let model: peft_models::llama::Llama<B> = peft_models::load_llama(&r.model, device)?;
+            let policy = peft_adapter::bitfit::policy(&model)?;
+            let before = score_before(&model.valid(), r, resume, &tok, &prep, device)?;
+            let model = freeze(model, &policy);
+            run_method(
+                r,
+                resume,
+                device,
+                &tok,
+                &prep,
+                started,
+                before,
+                model,
+                |m| {
+                    // The trained biases, by module path (with the base model, all that changed).
+                    let dir = r.out.join("bitfit");
+                    let biases = peft_train::optim::trainable_tensors(&freeze(m.clone(), &policy));
+                    std::fs::create_dir_all(&dir)?;
+                    peft_core::format::TensorFile::write(dir.join("biases.safetensors"), biases)?;
+                    Ok(dir)
+                },
+            )
+        }
+    }
+}
+
+/// Scores, trains and reports a model whose method has been added and frozen; `save`
+/// writes the result and returns where.
+#[allow(clippy::too_many_arguments)]
+fn run_method<B, M>(
+    r: &Resolved,
+    resume: bool,
+    device: &B::Device,
+    tok: &Tokenizer,
+    prep: &Prepared,
+    started: std::time::Instant,
+    before: Option<Scores>,
+    model: M,
+    save: impl FnOnce(&M::InnerModule) -> Result<PathBuf>,
+) -> Result<()>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + CausalLm<B>,
+    M::InnerModule: CausalLm<B::InnerBackend>,
+{
+    let sets = prep.sets();
     println!("{}", trainable_report(&model));
-    let objective = TokenCrossEntropy { pad: pad_id(&tok) };
+    let objective = TokenCrossEntropy { pad: pad_id(tok) };
+    let options = &prep.options;
     let done = train(
-        model, &objective, &train_set, &val_set, &options, &r.out, resume, device,
+        model,
+        &objective,
+        &prep.train_set,
+        &prep.val_set,
+        options,
+        &r.out,
+        resume,
+        device,
     )?;
     if !done.finished {
         println!(
@@ -559,28 +886,8 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
         return Ok(());
     }
     let model = done.model.valid();
-    let adapter_dir = match r.method {
-        Method::Lora => {
-            let dir = r.out.join("adapter");
-            let cfg = AdapterConfig::new(lora.clone())
-                .with_task_type("CAUSAL_LM")
-                .with_base_model(r.model.display().to_string());
-            match &model {
-                Lm::Llama(m) => peft_lora::save_adapter(m, "default", &cfg, &dir)?,
-                Lm::Gpt2(m) => peft_lora::save_adapter(m, "default", &cfg, &dir)?,
-            };
-            dir
-        }
-        Method::Full => {
-            let dir = r.out.join("model");
-            let Lm::Llama(m) = &model else {
-                bail!("full fine-tuning writes Llama-family models only in this build");
-            };
-            peft_models::export::save_llama_hf(m, Some(&tok), &dir)?;
-            dir
-        }
-    };
-    let (after, em) = score(&model, &tok, r, &sets, "after", device)?;
+    let adapter_dir = save(&model)?;
+    let (after, em) = score(&model, tok, r, &sets, "after", device)?;
     if let Some(em) = &em {
         let mut lines = String::new();
         for a in &em.answers {
@@ -596,10 +903,10 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
     println!("\n{table}");
     let summary = summary(
         r,
-        &options,
+        options,
         &done.state,
         done.model_step,
-        &train_stats,
+        &prep.stats,
         &table,
         started,
     );
@@ -615,7 +922,7 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
         serde_json::to_string_pretty(&results)?,
     )?;
     println!(
-        "wrote {} (adapter), {}, {} and {} in {:.0} s",
+        "wrote {} (the result), {}, {} and {} in {:.0} s",
         adapter_dir.display(),
         r.out.join("metrics.jsonl").display(),
         r.out.join("loss.png").display(),
@@ -675,6 +982,15 @@ fn summary(
             r.rank, r.alpha, r.dropout, r.targets
         ),
         Method::Full => "full fine-tuning".to_string(),
+        Method::Ia3 => "(IA)^3 with peft's default targets".to_string(),
+        Method::Bottleneck => "bottleneck adapter (seq_bn, reduction factor 16)".to_string(),
+        Method::Bitfit => "BitFit (biases only)".to_string(),
+        Method::Prompt => format!("prompt tuning, {} virtual tokens", r.num_virtual_tokens),
+        Method::PTuning => format!(
+            "P-tuning (MLP encoder), {} virtual tokens",
+            r.num_virtual_tokens
+        ),
+        Method::Prefix => format!("prefix tuning, {} virtual tokens", r.num_virtual_tokens),
     };
     format!(
         "# Fine-tuning run\n\n\
@@ -745,7 +1061,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
 fn eval_on<B: Backend>(a: &EvalArgs, device: &B::Device) -> Result<()> {
     let model_path = resolve_model(&a.model);
     let tok = load_tokenizer(&model_path)?;
-    let model = load_lm::<B>(&model_path, &a.adapters.adapters, a.adapters.merge, device)?;
+    let model =
+        crate::models::load_any::<B>(&model_path, &a.adapters.adapters, a.adapters.merge, device)?;
     let records = read_jsonl(&a.data)?;
     let render = RenderOptions {
         completion_only: true,

@@ -346,3 +346,39 @@ fn an_adapter_for_another_model_says_which_shapes_disagree() {
         "{err}"
     );
 }
+
+#[test]
+fn every_methods_adapter_runs_through_the_binary_with_peft_logits() {
+    // (IA)^3 saved by peft, bottleneck adapters computed in PyTorch, prompt-learning
+    // adapters saved by peft: `peft logits` gives their logits (the input's own positions).
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("l.safetensors");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for (adapter, merge) in [
+        ("peft-adapter/tests/fixtures/ia3_llama", false),
+        ("peft-adapter/tests/fixtures/ia3_llama", true),
+        ("peft-adapter/tests/fixtures/bn_seq_llama", false),
+        ("peft-prompt/tests/fixtures/prompt_tuning", false),
+        ("peft-prompt/tests/fixtures/p_tuning_lstm", false),
+        ("peft-prompt/tests/fixtures/prefix_projection", false),
+    ] {
+        let a = root.join(adapter);
+        let mut extra: Vec<&std::ffi::OsStr> = vec!["--adapter".as_ref(), a.as_os_str()];
+        if merge {
+            extra.push("--merge".as_ref());
+        }
+        let got = run_logits(&models_fixture("llama_gqa"), &extra, &out);
+        let (_, expected) = read_f32(&a.join("logits.safetensors"), "logits");
+        assert_eq!(
+            got.len(),
+            expected.len(),
+            "{adapter}: only the input's own positions"
+        );
+        let diff = got
+            .iter()
+            .zip(&expected)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-4, "{adapter} merge={merge}: {diff}");
+    }
+}

@@ -179,9 +179,33 @@ fn train_explains_bad_options_before_loading_anything() {
         ),
         (
             &[
-                "train", "--model", "m", "--data", "x.jsonl", "--out", "o", "--method", "qlora",
+                "train",
+                "--model",
+                "m",
+                "--data",
+                "x.jsonl",
+                "--out",
+                "o",
+                "--method",
+                "ia3",
+                "--quantize",
+                "nf4",
             ],
-            "not available in this build yet",
+            "trains LoRA over the 4-bit base",
+        ),
+        (
+            &[
+                "train",
+                "--model",
+                "m",
+                "--data",
+                "x.jsonl",
+                "--out",
+                "o",
+                "--quantize",
+                "int8",
+            ],
+            "nf4 or fp4",
         ),
         (
             &[
@@ -368,4 +392,82 @@ fn sft_then_dpo_runs_end_to_end_at_a_tiny_scale() {
         .assert()
         .failure();
     assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("unknown DPO loss"));
+}
+
+#[test]
+fn every_method_trains_a_step_and_writes_its_files() {
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("t.jsonl");
+    demo_lines("train.jsonl", 0..4, &data);
+    for (method, peft_type) in [
+        ("ia3", "IA3"),
+        ("adapter", "BOTTLENECK"),
+        ("qlora", "LORA"),
+        ("prompt", "PROMPT_TUNING"),
+        ("p-tuning", "P_TUNING"),
+        ("prefix", "PREFIX_TUNING"),
+    ] {
+        let out = dir.path().join(method);
+        let run = Command::cargo_bin("peft")
+            .unwrap()
+            .args([
+                "train",
+                "--model",
+                model.to_str().unwrap(),
+                "--method",
+                method,
+                "--data",
+                data.to_str().unwrap(),
+            ])
+            .args([
+                "--out",
+                out.to_str().unwrap(),
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--val-fraction",
+                "0",
+            ])
+            .assert()
+            .success();
+        let stdout = String::from_utf8_lossy(&run.get_output().stdout).to_string();
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["peft_type"], peft_type, "{method}");
+        let line: serde_json::Value = serde_json::from_str(
+            std::fs::read_to_string(out.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            line["loss"].as_f64().unwrap().is_finite(),
+            "{method}: {line}"
+        );
+        if method == "qlora" {
+            assert!(stdout.contains("bytes per weight"), "{stdout}");
+        }
+    }
+    // BitFit on a model without biases stops with an explanation instead of training nothing.
+    let bad = Command::cargo_bin("peft")
+        .unwrap()
+        .args([
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--method",
+            "bitfit",
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args(["--out", dir.path().join("b").to_str().unwrap()])
+        .assert()
+        .failure();
+    assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("no bias parameters"));
 }

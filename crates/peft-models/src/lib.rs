@@ -117,6 +117,27 @@ pub trait CausalLm<B: Backend> {
     fn eos_token_ids(&self) -> Vec<u32>;
 }
 
+impl<B: Backend, T: CausalLm<B> + ?Sized> CausalLm<B> for Box<T> {
+    fn forward(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        (**self).forward(input, cache)
+    }
+    fn hidden(&self, input: ForwardInput<'_, B>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        (**self).hidden(input, cache)
+    }
+    fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        (**self).logits(hidden)
+    }
+    fn new_cache(&self) -> KvCache<B> {
+        (**self).new_cache()
+    }
+    fn vocab_size(&self) -> usize {
+        (**self).vocab_size()
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        (**self).eos_token_ids()
+    }
+}
+
 /// A causal language model of any supported architecture, with dense weights and the
 /// adapter slot `A` on every linear layer (none by default; `peft_lora::LoraSlot` for LoRA).
 #[derive(Module, Debug)]
