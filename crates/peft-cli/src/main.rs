@@ -45,6 +45,9 @@ enum Command {
     /// Loss, perplexity and exact-match accuracy of greedy answers on a JSONL file, with or
     /// without adapters.
     Eval(train::EvalArgs),
+    /// Quantize a model's linear layers to 4 bits (NF4 or FP4, bitsandbytes' layout) and
+    /// write a Hugging Face directory that transformers loads with bitsandbytes.
+    Quantize(models::QuantizeArgs),
     /// Merge adapters into a base model (Hugging Face directory or GGUF) and write a
     /// Hugging Face directory that transformers loads.
     Merge(models::MergeArgs),
@@ -179,6 +182,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => train::eval(a),
         Command::Dpo(a) => dpo::run(a),
+        Command::Quantize(a) => models::quantize(a),
         Command::InspectAdapter { dir, json } => inspect_adapter(dir, *json),
     };
     match result {

@@ -115,6 +115,58 @@ pub struct MergeArgs {
     pub out: PathBuf,
 }
 
+/// Arguments of `peft quantize`.
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// The model: a Hugging Face directory or a .gguf file (Llama family).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The output directory (bitsandbytes layout: transformers loads it with bitsandbytes).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// nf4 (default) or fp4.
+    #[arg(long, default_value = "nf4")]
+    pub quant_type: String,
+    /// Values per absmax block (32 to 4096, a power of two).
+    #[arg(long, default_value_t = 64)]
+    pub blocksize: usize,
+    /// Quantize the absmax values too (8-bit, blocks of 256), as bitsandbytes'
+    /// bnb_4bit_use_double_quant.
+    #[arg(long)]
+    pub double_quant: bool,
+}
+
+/// `peft quantize`: writes a 4-bit checkpoint in the bitsandbytes layout.
+pub fn quantize(a: &QuantizeArgs) -> Result<()> {
+    type B = burn::backend::Flex;
+    let device = Default::default();
+    let config = peft_qlora::QuantConfig::new()
+        .with_quant_type(peft_qlora::QuantType::parse(&a.quant_type)?)
+        .with_blocksize(a.blocksize)
+        .with_double_quant(a.double_quant);
+    let path = crate::train::resolve_model(&a.model);
+    let model: peft_qlora::QloraLlama<B> = peft_qlora::load_qlora_llama(&path, &config, &device)?;
+    let memory = peft_qlora::base_memory(&model);
+    peft_qlora::save_bnb_llama(&model, &a.out)?;
+    if let Ok(tok) = load_tokenizer(&path) {
+        peft_models::export::save_tokenizer(&tok, &a.out)?;
+    }
+    println!(
+        "quantized {} linear weights to {} (block {}{}): {:.3} bytes per weight; wrote {}",
+        memory.weights,
+        a.quant_type,
+        a.blocksize,
+        if a.double_quant {
+            ", double quantization"
+        } else {
+            ""
+        },
+        memory.bytes_per_parameter(),
+        a.out.display()
+    );
+    Ok(())
+}
+
 /// Arguments of `peft inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {

@@ -382,3 +382,46 @@ fn every_methods_adapter_runs_through_the_binary_with_peft_logits() {
         assert!(diff < 1e-4, "{adapter} merge={merge}: {diff}");
     }
 }
+
+#[test]
+fn quantize_writes_a_bitsandbytes_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("q");
+    let res = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["quantize", "--model"])
+        .arg(models_fixture("llama_gqa"))
+        .args(["--out"])
+        .arg(&out)
+        .args(["--quant-type", "fp4", "--blocksize", "32"])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let q = &cfg["quantization_config"];
+    assert_eq!(q["bnb_4bit_quant_type"], "fp4", "{q}");
+    assert_eq!(q["load_in_4bit"], true, "{q}");
+    let st = std::fs::read(out.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let w = st.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
+    assert_eq!(w.dtype(), safetensors::Dtype::U8, "packed 4-bit codes");
+    assert!(
+        st.tensor("model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__fp4")
+            .is_ok()
+    );
+    let bad = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["quantize", "--model"])
+        .arg(models_fixture("llama_gqa"))
+        .args(["--out"])
+        .arg(dir.path().join("x"))
+        .args(["--blocksize", "48"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}

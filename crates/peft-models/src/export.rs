@@ -162,21 +162,36 @@ where
         pretty(&generation).as_bytes(),
     )?;
     if let Some(tok) = tokenizer {
-        let json = tok
-            .inner()
-            .to_string(true)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
-        let mut cfg = json!({ "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": false });
-        for name in ["bos_token", "eos_token", "unk_token", "pad_token"] {
-            if let Some(s) = tok.special_token(name) {
-                cfg[name] = json!(s);
-            }
-        }
-        if let Some(t) = tok.chat_template() {
-            cfg["chat_template"] = json!(t);
-        }
-        write_atomic(&dir.join("tokenizer_config.json"), pretty(&cfg).as_bytes())?;
+        save_tokenizer(tok, dir)?;
     }
+    Ok(())
+}
+
+/// Writes `tokenizer.json` and a `tokenizer_config.json` (special tokens, chat template)
+/// that transformers' `AutoTokenizer` loads.
+///
+/// # Errors
+/// I/O errors, or a tokenizer that cannot be serialised.
+pub fn save_tokenizer(tok: &Tokenizer, dir: &Path) -> Result<()> {
+    let json = tok
+        .inner()
+        .to_string(true)
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+    let mut cfg = json!({ "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": false });
+    for name in ["bos_token", "eos_token", "unk_token", "pad_token"] {
+        if let Some(s) = tok.special_token(name) {
+            cfg[name] = json!(s);
+        }
+    }
+    if let Some(t) = tok.chat_template() {
+        cfg["chat_template"] = json!(t);
+    }
+    write_atomic(
+        &dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&cfg)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
     Ok(())
 }
