@@ -174,8 +174,12 @@ fn merging_keeps_f32_exactly_or_requantizes_with_a_measured_error() {
         .fold(0.0f32, f32::max);
     assert!(d < 1e-4, "f32 merge differs by {d}");
 
-    let mut m = with_random_adapter(&device);
-    let report = merge_requantize(&mut m, None, true).unwrap();
+    // Requantizing: the same adapter, merged and requantized in place, must equal the f32
+    // merge quantized afresh with the fixture's settings (NF4, block 64, double quant).
+    let m = with_random_adapter(&device);
+    let unmerged = logits(&m, &device);
+    let mut requantized = m.clone();
+    let report = merge_requantize(&mut requantized, None, true).unwrap();
     assert_eq!(report.layers.len(), 6);
     assert!(
         report.total.relative > 0.01 && report.total.relative < 0.3,
@@ -185,17 +189,35 @@ fn merging_keeps_f32_exactly_or_requantizes_with_a_measured_error() {
     // The merged model still adds nothing on top: its adapter is marked merged.
     use peft_core::adapters::AdapterControl;
     assert_eq!(
-        m.model.layers[0].self_attn.q_proj.adapter.merged_adapters(),
+        requantized.model.layers[0]
+            .self_attn
+            .q_proj
+            .adapter
+            .merged_adapters(),
         vec!["default".to_string()]
     );
-    let got = logits(&m, &device);
+    let reference = peft_qlora::quantize_llama(
+        merge_to_dense(m, None, true).unwrap(),
+        &peft_qlora::QuantConfig::new(),
+    )
+    .unwrap();
+    let (got, want) = (logits(&requantized, &device), logits(&reference, &device));
     let d = want
         .iter()
         .zip(&got)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
+    // Requantizing moves the logits by whole NF4 steps (several units here); the two paths
+    // compute W + dW in a different float order, so a value sitting on a rounding midpoint
+    // can take the neighbouring code: allow a twentieth of the requantization's own effect.
+    let moved = unmerged
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(moved > 0.1, "requantizing changed the logits by {moved}");
     assert!(
-        d > 0.0 && d < 5.0,
-        "requantized merge moved the logits by {d}"
+        d < moved / 20.0,
+        "requantized merge vs quantized f32 merge: {d} (requantization moved them by {moved})"
     );
 }
