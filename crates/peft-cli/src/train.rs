@@ -32,8 +32,9 @@ pub struct TrainSettings {
     /// fetched by `cargo xtask fetch-model smollm2`).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// The method: lora, or full (full fine-tuning, the baseline). qlora, ia3, adapter,
-    /// prompt, prefix and p-tuning are named here as their crates land.
+    /// The method: lora, qlora (LoRA over an NF4 base; or lora with --quantize), ia3,
+    /// adapter (bottleneck, seq_bn), bitfit, prompt, p-tuning, prefix, or full (full
+    /// fine-tuning, the baseline). docs/choosing-a-method.md compares them.
     #[arg(long)]
     pub method: Option<String>,
     /// Training data (JSONL: `text`; `prompt` + `completion`; or chat `messages`).
