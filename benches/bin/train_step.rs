@@ -5,7 +5,12 @@
 //! ```text
 //! train-step --method lora|qlora|full --backend flex|ndarray|wgpu|cuda
 //!            [--batch 4] [--seq-len 128] [--rank 16] [--layers 30] [--steps 5] [--warmup 2]
+//!            [--checkpointing none|balanced]
 //! ```
+//!
+//! `--checkpointing balanced` runs burn's `BalancedCheckpointing` (what `peft train
+//! --grad-checkpointing true` uses): memory-bound operations are recomputed in the backward
+//! pass instead of kept, which for QLoRA includes each layer's dequantized weight.
 //!
 //! Prints one JSON line: method, backend, shape, trainable parameters, seconds per step,
 //! tokens per second and peak resident memory.
@@ -23,6 +28,7 @@ struct Args {
     shape: StepShape,
     steps: usize,
     warmup: usize,
+    checkpointing: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -32,6 +38,7 @@ fn parse() -> Result<Args, String> {
         shape: StepShape::default(),
         steps: 5,
         warmup: 2,
+        checkpointing: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -51,6 +58,17 @@ fn parse() -> Result<Args, String> {
             "--layers" => a.shape.layers = num()?,
             "--steps" => a.steps = num()?.max(1),
             "--warmup" => a.warmup = num()?,
+            "--checkpointing" => {
+                a.checkpointing = match value.as_str() {
+                    "none" => false,
+                    "balanced" => true,
+                    _ => {
+                        return Err(format!(
+                            "--checkpointing is none or balanced, not `{value}`"
+                        ));
+                    }
+                }
+            }
             _ => return Err(format!("unknown flag `{flag}`")),
         }
     }
@@ -78,6 +96,7 @@ fn measure<B: AutodiffBackend>(a: &Args) -> Result<serde_json::Value, String> {
     Ok(serde_json::json!({
         "method": a.method.name(),
         "backend": a.backend,
+        "checkpointing": if a.checkpointing { "balanced" } else { "none" },
         "batch": a.shape.batch,
         "seq_len": a.shape.seq_len,
         "rank": a.shape.rank,
@@ -94,16 +113,26 @@ fn measure<B: AutodiffBackend>(a: &Args) -> Result<serde_json::Value, String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let result = parse().and_then(|a| match a.backend.as_str() {
+    use burn::backend::Autodiff;
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing as Balanced;
+    let result = parse().and_then(|a| match (a.backend.as_str(), a.checkpointing) {
         #[cfg(feature = "flex")]
-        "flex" => measure::<burn::backend::Autodiff<burn::backend::Flex>>(&a),
+        ("flex", false) => measure::<Autodiff<burn::backend::Flex>>(&a),
+        #[cfg(feature = "flex")]
+        ("flex", true) => measure::<Autodiff<burn::backend::Flex, Balanced>>(&a),
         #[cfg(feature = "ndarray")]
-        "ndarray" => measure::<burn::backend::Autodiff<burn::backend::NdArray>>(&a),
+        ("ndarray", false) => measure::<Autodiff<burn::backend::NdArray>>(&a),
+        #[cfg(feature = "ndarray")]
+        ("ndarray", true) => measure::<Autodiff<burn::backend::NdArray, Balanced>>(&a),
         #[cfg(feature = "wgpu")]
-        "wgpu" => measure::<burn::backend::Autodiff<burn::backend::Wgpu>>(&a),
+        ("wgpu", false) => measure::<Autodiff<burn::backend::Wgpu>>(&a),
+        #[cfg(feature = "wgpu")]
+        ("wgpu", true) => measure::<Autodiff<burn::backend::Wgpu, Balanced>>(&a),
         #[cfg(feature = "cuda")]
-        "cuda" => measure::<burn::backend::Autodiff<burn::backend::Cuda>>(&a),
-        other => Err(format!(
+        ("cuda", false) => measure::<Autodiff<burn::backend::Cuda>>(&a),
+        #[cfg(feature = "cuda")]
+        ("cuda", true) => measure::<Autodiff<burn::backend::Cuda, Balanced>>(&a),
+        (other, _) => Err(format!(
             "backend `{other}` is not compiled in (features: ndarray, flex, wgpu, cuda)"
         )),
     });

@@ -197,14 +197,22 @@ impl<B: Backend> LinearAdapter<B> for LoraLayer<B> {
         output: Tensor<B, D>,
     ) -> Tensor<B, D> {
         let x = self.dropout.forward(input.clone());
+        // 2-D products over all leading dimensions: A's gradient is then one product over
+        // every token instead of a batched product and a sum over the batch.
+        let mut dims = x.dims();
+        let (rows, inp) = (dims[..D - 1].iter().product::<usize>(), dims[D - 1]);
+        let b = self.lora_b.val();
+        dims[D - 1] = b.dims()[1];
         let lora = x
             .clone()
-            .matmul(self.lora_a.val().unsqueeze())
-            .matmul(self.lora_b.val().unsqueeze());
+            .reshape([rows, inp])
+            .matmul(self.lora_a.val())
+            .matmul(b);
         let lora = match &self.lora_b_bias {
             Some(bias) => (lora + bias.val().unsqueeze()) * self.scaling,
             None => lora * self.scaling,
         };
+        let lora: Tensor<B, D> = lora.reshape(dims);
         let Some(m) = &self.magnitude else {
             return output + lora;
         };

@@ -239,7 +239,15 @@ where
     }
 
     fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        hidden.matmul(self.transformer.wte.weight.val().transpose().unsqueeze())
+        // A 2-D product with the transposed embedding read in place (broadcasting it to
+        // rank 3 would copy the whole table on every call).
+        let [b, s, d] = hidden.dims();
+        let w = self.transformer.wte.weight.val();
+        let v = w.dims()[0];
+        hidden
+            .reshape([b * s, d])
+            .matmul(w.transpose())
+            .reshape([b, s, v])
     }
 
     fn new_cache(&self) -> KvCache<B> {

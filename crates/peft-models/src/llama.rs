@@ -26,7 +26,7 @@ use peft_core::target::{ModuleInfo, ModuleKind};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::nn::{RmsNorm, apply_rope, attention, attention_mask, rope_tables};
+use crate::nn::{RmsNorm, apply_rope_bshd, attention, attention_mask, rope_tables_for_heads};
 use crate::weights::WeightSource;
 use crate::{CausalLm, ForwardInput, KvCache};
 
@@ -309,9 +309,17 @@ where
         let queries = seq + virt;
         let prefix = self.model.kv_adapter.num_virtual_tokens();
         let start = prefix + past;
-        let (cos, sin) = rope_tables::<B>(
-            &c.rope.inv_freq(c.head_dim),
+        let inv_freq = c.rope.inv_freq(c.head_dim);
+        let (cos_q, sin_q) = rope_tables_for_heads::<B>(
+            &inv_freq,
             start..start + queries,
+            c.num_attention_heads,
+            &device,
+        );
+        let (cos_k, sin_k) = rope_tables_for_heads::<B>(
+            &inv_freq,
+            start..start + queries,
+            c.num_key_value_heads,
             &device,
         );
         // The padding mask covers the real tokens only; the virtual tokens sit at the start
@@ -346,21 +354,23 @@ where
         for (i, layer) in self.model.layers.iter().enumerate() {
             let x = layer.input_layernorm.forward(h.clone());
             let a = &layer.self_attn;
-            let split = |t: Tensor<B, 3>, heads: usize| {
-                t.reshape([batch, queries, heads, c.head_dim])
-                    .swap_dims(1, 2)
-            };
-            let q = apply_rope(
+            // [batch, seq, heads, head_dim] as the projections write it; rotary embeddings
+            // are applied in this layout, then heads move before positions.
+            let split =
+                |t: Tensor<B, 3>, heads: usize| t.reshape([batch, queries, heads, c.head_dim]);
+            let q = apply_rope_bshd(
                 split(a.q_proj.forward(x.clone()), c.num_attention_heads),
-                &cos,
-                &sin,
-            );
-            let mut k = apply_rope(
+                &cos_q,
+                &sin_q,
+            )
+            .swap_dims(1, 2);
+            let mut k = apply_rope_bshd(
                 split(a.k_proj.forward(x.clone()), c.num_key_value_heads),
-                &cos,
-                &sin,
-            );
-            let mut v = split(a.v_proj.forward(x.clone()), c.num_key_value_heads);
+                &cos_k,
+                &sin_k,
+            )
+            .swap_dims(1, 2);
+            let mut v = split(a.v_proj.forward(x.clone()), c.num_key_value_heads).swap_dims(1, 2);
             if let Some(cache) = cache.as_deref_mut() {
                 (k, v) = cache.append(i, k, v);
             }
@@ -390,7 +400,17 @@ where
     pub fn head(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(l) => l.forward(hidden),
-            None => hidden.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
+            None => {
+                // A 2-D product with the transposed embedding read in place (broadcasting
+                // it to rank 3 would copy the whole table on every call).
+                let [b, s, d] = hidden.dims();
+                let w = self.model.embed_tokens.weight.val();
+                let v = w.dims()[0];
+                hidden
+                    .reshape([b * s, d])
+                    .matmul(w.transpose())
+                    .reshape([b, s, v])
+            }
         }
     }
 }

@@ -112,6 +112,54 @@ pub fn rope_tables<B: Backend>(
     )
 }
 
+/// [`rope_tables`] repeated for each of `heads` heads: `[seq, heads, head_dim]`, the layout
+/// of activations `[batch, seq, heads, head_dim]` straight out of a projection, so that
+/// [`apply_rope_bshd`] broadcasts the tables over the batch only (a contiguous row per
+/// example, which CPU backends vectorise) rather than over heads and batch.
+pub fn rope_tables_for_heads<B: Backend>(
+    inv_freq: &[f64],
+    positions: std::ops::Range<usize>,
+    heads: usize,
+    device: &B::Device,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let half = inv_freq.len();
+    let n = positions.len();
+    let mut cos = Vec::with_capacity(n * heads * half * 2);
+    let mut sin = Vec::with_capacity(n * heads * half * 2);
+    for p in positions {
+        // transformers computes the angles in f32; so do we, then take cos/sin accurately.
+        let angles: Vec<f32> = inv_freq.iter().map(|f| (*f as f32) * (p as f32)).collect();
+        let c: Vec<f32> = angles.iter().map(|a| f64::from(*a).cos() as f32).collect();
+        let s: Vec<f32> = angles.iter().map(|a| f64::from(*a).sin() as f32).collect();
+        for _ in 0..heads * 2 {
+            cos.extend_from_slice(&c);
+            sin.extend_from_slice(&s);
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(cos, [n, heads, half * 2]), device),
+        Tensor::from_data(TensorData::new(sin, [n, heads, half * 2]), device),
+    )
+}
+
+/// Applies rotary embeddings to `x: [batch, seq, heads, head_dim]` with the tables of
+/// [`rope_tables_for_heads`]: `x * cos + rotate_half(x) * sin`.
+pub fn apply_rope_bshd<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 3>,
+    sin: &Tensor<B, 3>,
+) -> Tensor<B, 4> {
+    let [b, s, h, d] = x.dims();
+    let n = s * h * d;
+    let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
+    let x2 = x.clone().slice([0..b, 0..s, 0..h, d / 2..d]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3).reshape([b, n]);
+    // As rows `[batch, seq * heads * head_dim]` times one shared row: the broadcast a CPU
+    // backend runs as a vectorised loop (a 4-D broadcast walks element by element).
+    let (cos, sin) = (cos.clone().reshape([1, n]), sin.clone().reshape([1, n]));
+    (x.reshape([b, n]) * cos + rotated * sin).reshape([b, s, h, d])
+}
+
 /// Applies rotary embeddings to `x: [batch, heads, seq, head_dim]`:
 /// `x * cos + rotate_half(x) * sin`, `rotate_half([a, b]) = [-b, a]`.
 pub fn apply_rope<B: Backend>(
