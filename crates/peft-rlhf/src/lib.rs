@@ -9,6 +9,9 @@
 //!   rewards and margins TRL logs. The reference is the same model without the adapter being
 //!   trained: its log-probabilities are computed once before training
 //!   ([`dpo::reference_logps`]), so no second copy of the weights is held;
+//! - reward models ([`reward`]): a scalar `score` head on the adapted model, the
+//!   Bradley-Terry loss of TRL's `RewardTrainer` and pairwise accuracy, saved with the
+//!   adapter as peft's `modules_to_save` (a `SEQ_CLS` adapter Python's peft loads);
 //! - preference data in JSONL ([`data`]).
 //!
 //! ```no_run
@@ -25,6 +28,7 @@
 
 pub mod data;
 pub mod dpo;
+pub mod reward;
 
 /// The supervised fine-tuning objective (token cross-entropy, prompt tokens masked).
 pub use peft_train::trainer::TokenCrossEntropy as Sft;
