@@ -6,6 +6,7 @@
 
 mod dpo;
 mod models;
+mod reward;
 mod train;
 
 use std::collections::BTreeMap;
@@ -42,6 +43,9 @@ enum Command {
     /// Direct preference optimisation: train a LoRA adapter on (prompt, chosen, rejected)
     /// pairs, with the model before the adapter as the reference.
     Dpo(Box<dpo::DpoArgs>),
+    /// Train a reward model: a LoRA adapter with a scalar score head, on (prompt, chosen,
+    /// rejected) pairs with the Bradley-Terry loss; saved as peft's SEQ_CLS adapter.
+    Reward(Box<reward::RewardArgs>),
     /// Loss, perplexity and exact-match accuracy of greedy answers on a JSONL file, with or
     /// without adapters.
     Eval(train::EvalArgs),
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => train::eval(a),
         Command::Dpo(a) => dpo::run(a),
+        Command::Reward(a) => reward::run(a),
         Command::Quantize(a) => models::quantize(a),
         Command::InspectAdapter { dir, json } => inspect_adapter(dir, *json),
     };

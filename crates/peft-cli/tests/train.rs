@@ -471,3 +471,82 @@ fn every_method_trains_a_step_and_writes_its_files() {
         .failure();
     assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("no bias parameters"));
 }
+
+#[test]
+fn reward_trains_a_head_with_the_adapter_and_saves_peft_seq_cls() {
+    // The reward stage of docs/rlhf.md, shrunk: 4 preference pairs, 2 steps.
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (prefs, prefs_val) = (dir.path().join("p.jsonl"), dir.path().join("pv.jsonl"));
+    demo_lines("preferences.jsonl", 0..4, &prefs);
+    demo_lines("preferences_val.jsonl", 0..2, &prefs_val);
+    let out_dir = dir.path().join("rm");
+    let out = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["reward", "--model", model.to_str().unwrap()])
+        .args([
+            "--data",
+            prefs.to_str().unwrap(),
+            "--val-data",
+            prefs_val.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+        ])
+        .args([
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--rank",
+            "4",
+            "--lr",
+            "1e-3",
+            "--method",
+            "lora",
+        ])
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(stdout.contains("| accuracy |"), "{stdout}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        for k in ["loss", "accuracy", "margin", "rewards_chosen"] {
+            assert!(l[k].as_f64().unwrap().is_finite(), "{k} in {l}");
+        }
+    }
+    assert!(lines[1]["val_accuracy"].as_f64().is_some(), "{}", lines[1]);
+    for f in ["loss.png", "README.md", "results.json"] {
+        assert!(out_dir.join(f).exists(), "no {f}");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["score"]));
+    let inspect = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["inspect-adapter", "--json"])
+        .arg(out_dir.join("adapter"))
+        .assert()
+        .success();
+    let report = String::from_utf8_lossy(&inspect.get_output().stdout).to_string();
+    assert!(report.contains("base_model.model.score.weight"), "{report}");
+
+    let bad = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["reward", "--model", model.to_str().unwrap()])
+        .args(["--data", prefs.to_str().unwrap(), "--out"])
+        .arg(dir.path().join("x"))
+        .args(["--center-rewards-coefficient", "-1"])
+        .assert()
+        .failure();
+    assert!(
+        String::from_utf8_lossy(&bad.get_output().stderr).contains("center-rewards-coefficient")
+    );
+}

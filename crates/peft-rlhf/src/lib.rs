@@ -28,6 +28,8 @@
 
 pub mod data;
 pub mod dpo;
+pub mod grpo;
+pub mod ppo;
 pub mod reward;
 
 /// The supervised fine-tuning objective (token cross-entropy, prompt tokens masked).
