@@ -5,6 +5,7 @@
 //! evaluation and merging join as their crates land (see README.md).
 
 mod dpo;
+mod grpo;
 mod models;
 mod reward;
 mod train;
@@ -46,6 +47,9 @@ enum Command {
     /// Train a reward model: a LoRA adapter with a scalar score head, on (prompt, chosen,
     /// rejected) pairs with the Bradley-Terry loss; saved as peft's SEQ_CLS adapter.
     Reward(Box<reward::RewardArgs>),
+    /// GRPO: sample several completions per prompt, score them with a reward model from
+    /// `peft reward`, and train a LoRA adapter on the group-relative advantages.
+    Grpo(Box<grpo::GrpoArgs>),
     /// Loss, perplexity and exact-match accuracy of greedy answers on a JSONL file, with or
     /// without adapters.
     Eval(train::EvalArgs),
@@ -187,6 +191,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => train::eval(a),
         Command::Dpo(a) => dpo::run(a),
         Command::Reward(a) => reward::run(a),
+        Command::Grpo(a) => grpo::run(a),
         Command::Quantize(a) => models::quantize(a),
         Command::InspectAdapter { dir, json } => inspect_adapter(dir, *json),
     };

@@ -473,8 +473,9 @@ fn every_method_trains_a_step_and_writes_its_files() {
 }
 
 #[test]
-fn reward_trains_a_head_with_the_adapter_and_saves_peft_seq_cls() {
-    // The reward stage of docs/rlhf.md, shrunk: 4 preference pairs, 2 steps.
+fn reward_then_grpo_run_end_to_end_at_a_tiny_scale() {
+    // The reward and GRPO stages of docs/rlhf.md, shrunk: a reward model from 4
+    // preference pairs in 1 step, then 1 GRPO step on 2 prompts against it.
     let Some(model) = smollm2() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (prefs, prefs_val) = (dir.path().join("p.jsonl"), dir.path().join("pv.jsonl"));
@@ -494,7 +495,7 @@ fn reward_trains_a_head_with_the_adapter_and_saves_peft_seq_cls() {
         ])
         .args([
             "--max-steps",
-            "2",
+            "1",
             "--batch-size",
             "2",
             "--rank",
@@ -513,13 +514,20 @@ fn reward_trains_a_head_with_the_adapter_and_saves_peft_seq_cls() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2);
-    for l in &lines {
-        for k in ["loss", "accuracy", "margin", "rewards_chosen"] {
-            assert!(l[k].as_f64().unwrap().is_finite(), "{k} in {l}");
-        }
+    assert_eq!(lines.len(), 1);
+    for k in [
+        "loss",
+        "accuracy",
+        "margin",
+        "rewards_chosen",
+        "val_accuracy",
+    ] {
+        assert!(
+            lines[0][k].as_f64().unwrap().is_finite(),
+            "{k} in {}",
+            lines[0]
+        );
     }
-    assert!(lines[1]["val_accuracy"].as_f64().is_some(), "{}", lines[1]);
     for f in ["loss.png", "README.md", "results.json"] {
         assert!(out_dir.join(f).exists(), "no {f}");
     }
@@ -543,10 +551,60 @@ fn reward_trains_a_head_with_the_adapter_and_saves_peft_seq_cls() {
         .args(["reward", "--model", model.to_str().unwrap()])
         .args(["--data", prefs.to_str().unwrap(), "--out"])
         .arg(dir.path().join("x"))
-        .args(["--center-rewards-coefficient", "-1"])
+        .arg("--center-rewards-coefficient=-1")
         .assert()
         .failure();
     assert!(
         String::from_utf8_lossy(&bad.get_output().stderr).contains("center-rewards-coefficient")
     );
+
+    let grpo = dir.path().join("grpo");
+    let out = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["grpo", "--model", model.to_str().unwrap(), "--reward-model"])
+        .arg(out_dir.join("adapter"))
+        .args(["--data", prefs_val.to_str().unwrap(), "--out"])
+        .arg(&grpo)
+        .args([
+            "--val-fraction",
+            "0",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+        ])
+        .args([
+            "--num-generations",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--rank",
+            "4",
+        ])
+        .args(["--beta", "0.04"])
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(stdout.contains("mean sampled reward"), "{stdout}");
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(grpo.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    for k in ["loss", "reward", "reward_std", "completion_length", "kl"] {
+        assert!(line[k].as_f64().unwrap().is_finite(), "{k} in {line}");
+    }
+    assert!(grpo.join("adapter/adapter_model.safetensors").exists());
+    let bad = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["grpo", "--model", model.to_str().unwrap(), "--reward-model"])
+        .arg(dir.path())
+        .args(["--data", prefs.to_str().unwrap(), "--out"])
+        .arg(dir.path().join("y"))
+        .assert()
+        .failure();
+    assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("peft reward"));
 }

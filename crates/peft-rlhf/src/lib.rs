@@ -12,6 +12,10 @@
 //! - reward models ([`reward`]): a scalar `score` head on the adapted model, the
 //!   Bradley-Terry loss of TRL's `RewardTrainer` and pairwise accuracy, saved with the
 //!   adapter as peft's `modules_to_save` (a `SEQ_CLS` adapter Python's peft loads);
+//! - GRPO ([`grpo`]): group-relative advantages and TRL's clipped loss, sampling from the
+//!   policy inside the loop's loss, with an optional KL to the adapter-disabled model;
+//! - PPO's pieces ([`ppo`]): KL-penalised rewards, GAE, whitening, clipped policy and value
+//!   losses (the rollout loop with a value head is not written yet);
 //! - preference data in JSONL ([`data`]).
 //!
 //! ```no_run
