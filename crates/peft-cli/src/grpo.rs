@@ -77,7 +77,7 @@ struct PromptLine {
     prompt: String,
 }
 
-fn read_prompts(path: &Path) -> Result<Vec<String>> {
+pub(crate) fn read_prompts(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("read", path, e))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -178,7 +178,7 @@ fn grpo_on<B: AutodiffBackend>(
 }
 
 /// The reward model (base + reward adapter with its head) as a scoring function.
-fn reward_fn<B: Backend>(
+pub(crate) fn reward_fn<B: Backend>(
     model: &Path,
     adapter: &Path,
     pad: u32,

@@ -7,6 +7,7 @@
 mod dpo;
 mod grpo;
 mod models;
+mod ppo;
 mod reward;
 mod train;
 
@@ -50,6 +51,10 @@ enum Command {
     /// GRPO: sample several completions per prompt, score them with a reward model from
     /// `peft reward`, and train a LoRA adapter on the group-relative advantages.
     Grpo(Box<grpo::GrpoArgs>),
+    /// PPO: sample completions, score them with a reward model from `peft reward`, and
+    /// train a LoRA adapter and a value head with GAE, the clipped objective and a KL
+    /// penalty to the model before the adapter.
+    Ppo(Box<ppo::PpoArgs>),
     /// Loss, perplexity and exact-match accuracy of greedy answers on a JSONL file, with or
     /// without adapters.
     Eval(train::EvalArgs),
@@ -192,6 +197,7 @@ fn main() -> ExitCode {
         Command::Dpo(a) => dpo::run(a),
         Command::Reward(a) => reward::run(a),
         Command::Grpo(a) => grpo::run(a),
+        Command::Ppo(a) => ppo::run(a),
         Command::Quantize(a) => models::quantize(a),
         Command::InspectAdapter { dir, json } => inspect_adapter(dir, *json),
     };

@@ -473,9 +473,10 @@ fn every_method_trains_a_step_and_writes_its_files() {
 }
 
 #[test]
-fn reward_then_grpo_run_end_to_end_at_a_tiny_scale() {
-    // The reward and GRPO stages of docs/rlhf.md, shrunk: a reward model from 4
-    // preference pairs in 1 step, then 1 GRPO step on 2 prompts against it.
+fn reward_then_grpo_and_ppo_run_end_to_end_at_a_tiny_scale() {
+    // The reward, GRPO and PPO stages of docs/rlhf.md, shrunk: a reward model from 4
+    // preference pairs in 1 step, then 1 GRPO step on 2 prompts and 2 PPO steps on 1
+    // rollout against it.
     let Some(model) = smollm2() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (prefs, prefs_val) = (dir.path().join("p.jsonl"), dir.path().join("pv.jsonl"));
@@ -607,4 +608,38 @@ fn reward_then_grpo_run_end_to_end_at_a_tiny_scale() {
         .assert()
         .failure();
     assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("peft reward"));
+    let ppo = dir.path().join("ppo");
+    let out = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["ppo", "--model", model.to_str().unwrap(), "--reward-model"])
+        .arg(out_dir.join("adapter"))
+        .args(["--data", prefs_val.to_str().unwrap(), "--out"])
+        .arg(&ppo)
+        .args(["--max-steps", "2", "--batch-size", "1", "--ppo-epochs", "2"])
+        .args(["--max-new-tokens", "3", "--rank", "4"])
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(stdout.contains("mean reward-model score"), "{stdout}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(ppo.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for k in [
+        "objective/kl",
+        "objective/scores",
+        "policy/clipfrac",
+        "loss/value",
+    ] {
+        assert!(
+            lines[0][k].as_f64().unwrap().is_finite(),
+            "{k} in {}",
+            lines[0]
+        );
+    }
+    // A fresh adapter: the first rollout's policy is the reference.
+    assert!(lines[0]["objective/kl"].as_f64().unwrap().abs() < 1e-3);
+    assert!(ppo.join("adapter/adapter_model.safetensors").exists());
 }
