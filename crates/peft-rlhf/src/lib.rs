@@ -14,8 +14,9 @@
 //!   adapter as peft's `modules_to_save` (a `SEQ_CLS` adapter Python's peft loads);
 //! - GRPO ([`grpo`]): group-relative advantages and TRL's clipped loss, sampling from the
 //!   policy inside the loop's loss, with an optional KL to the adapter-disabled model;
-//! - PPO's pieces ([`ppo`]): KL-penalised rewards, GAE, whitening, clipped policy and value
-//!   losses (the rollout loop with a value head is not written yet);
+//! - PPO ([`ppo`]): a value head on the policy, KL-penalised rewards against the
+//!   adapter-disabled model, GAE, whitening, clipped policy and value losses, each rollout
+//!   reused for `ppo_epochs` updates;
 //! - preference data in JSONL ([`data`]).
 //!
 //! ```no_run
