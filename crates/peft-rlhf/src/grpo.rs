@@ -295,6 +295,8 @@ pub struct Grpo {
     reference: Option<ReferenceFn>,
     calls: Cell<u64>,
     sums: RefCell<Sums>,
+    /// Completions sampled by `rollout` for the next `loss` call on the same prompts.
+    prepared: RefCell<Option<Vec<(Vec<u32>, Vec<u32>)>>>,
 }
 
 impl std::fmt::Debug for Grpo {
@@ -322,6 +324,7 @@ impl Grpo {
             reference,
             calls: Cell::new(0),
             sums: RefCell::new(Sums::default()),
+            prepared: RefCell::new(None),
         }
     }
 
@@ -362,6 +365,17 @@ impl Grpo {
 impl Objective for Grpo {
     type Example = Vec<u32>;
 
+    /// Samples the completions with the model without autodiff (no graph per token).
+    fn rollout<B: Backend, M: CausalLm<B>>(
+        &self,
+        model: &M,
+        prompts: &[&Vec<u32>],
+        device: &B::Device,
+    ) {
+        let samples = self.sample(model, prompts, device);
+        *self.prepared.borrow_mut() = Some(samples);
+    }
+
     fn loss<B: Backend, M: CausalLm<B>>(
         &self,
         model: &M,
@@ -369,7 +383,17 @@ impl Objective for Grpo {
         device: &B::Device,
     ) -> Tensor<B, 1> {
         let g = self.config.num_generations;
-        let samples = self.sample(model, prompts, device);
+        // The completions `rollout` sampled for these prompts, else (evaluation) sample now.
+        let prepared = self.prepared.borrow_mut().take().filter(|s| {
+            s.len() == prompts.len() * g
+                && s.chunks(g.max(1))
+                    .zip(prompts)
+                    .all(|(grp, p)| grp.iter().all(|(q, _)| q == *p))
+        });
+        let samples = match prepared {
+            Some(s) => s,
+            None => self.sample(model, prompts, device),
+        };
         let rewards = (self.reward)(&samples);
         let adv = group_advantages(&rewards, g, self.config.scale_rewards);
         let seqs: Vec<Tokenized> = samples

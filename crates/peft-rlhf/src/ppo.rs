@@ -598,8 +598,31 @@ impl Ppo {
     }
 }
 
+impl Ppo {
+    fn needs_rollout(&self) -> bool {
+        self.rollout
+            .borrow()
+            .as_ref()
+            .is_none_or(|r| r.uses >= self.config.ppo_epochs)
+    }
+}
+
 impl Objective for Ppo {
     type Example = Vec<u32>;
+
+    /// Samples and scores a new rollout when the last one is used up, with the model
+    /// without autodiff (no graph per generated token).
+    fn rollout<B: Backend, M: CausalLm<B>>(
+        &self,
+        model: &M,
+        prompts: &[&Vec<u32>],
+        device: &B::Device,
+    ) {
+        if self.needs_rollout() {
+            let r = self.new_rollout(model, prompts, device);
+            *self.rollout.borrow_mut() = Some(r);
+        }
+    }
 
     fn loss<B: Backend, M: CausalLm<B>>(
         &self,
@@ -607,12 +630,7 @@ impl Objective for Ppo {
         prompts: &[&Vec<u32>],
         device: &B::Device,
     ) -> Tensor<B, 1> {
-        let fresh = self
-            .rollout
-            .borrow()
-            .as_ref()
-            .is_none_or(|r| r.uses >= self.config.ppo_epochs);
-        if fresh {
+        if self.needs_rollout() {
             let r = self.new_rollout(model, prompts, device);
             *self.rollout.borrow_mut() = Some(r);
         }
