@@ -261,8 +261,11 @@ impl GrpoConfig {
     }
 }
 
+/// A sampled (prompt, completion) pair of token sequences.
+pub type Sample = (Vec<u32>, Vec<u32>);
+
 /// Scores (prompt, completion) token sequences, one reward each.
-pub type RewardFn = Box<dyn Fn(&[(Vec<u32>, Vec<u32>)]) -> Vec<f32>>;
+pub type RewardFn = Box<dyn Fn(&[Sample]) -> Vec<f32>>;
 
 /// Per-token log-probabilities of the completion tokens of sequences under the reference
 /// (flat, in [`token_logps`]'s order).
@@ -296,7 +299,7 @@ pub struct Grpo {
     calls: Cell<u64>,
     sums: RefCell<Sums>,
     /// Completions sampled by `rollout` for the next `loss` call on the same prompts.
-    prepared: RefCell<Option<Vec<(Vec<u32>, Vec<u32>)>>>,
+    prepared: RefCell<Option<Vec<Sample>>>,
 }
 
 impl std::fmt::Debug for Grpo {
