@@ -5,7 +5,10 @@
 //! evaluation and merging join as their crates land (see README.md).
 
 mod dpo;
+mod grpo;
 mod models;
+mod ppo;
+mod reward;
 mod train;
 
 use std::collections::BTreeMap;
@@ -42,6 +45,16 @@ enum Command {
     /// Direct preference optimisation: train a LoRA adapter on (prompt, chosen, rejected)
     /// pairs, with the model before the adapter as the reference.
     Dpo(Box<dpo::DpoArgs>),
+    /// Train a reward model: a LoRA adapter with a scalar score head, on (prompt, chosen,
+    /// rejected) pairs with the Bradley-Terry loss; saved as peft's SEQ_CLS adapter.
+    Reward(Box<reward::RewardArgs>),
+    /// GRPO: sample several completions per prompt, score them with a reward model from
+    /// `peft reward`, and train a LoRA adapter on the group-relative advantages.
+    Grpo(Box<grpo::GrpoArgs>),
+    /// PPO: sample completions, score them with a reward model from `peft reward`, and
+    /// train a LoRA adapter and a value head with GAE, the clipped objective and a KL
+    /// penalty to the model before the adapter.
+    Ppo(Box<ppo::PpoArgs>),
     /// Loss, perplexity and exact-match accuracy of greedy answers on a JSONL file, with or
     /// without adapters.
     Eval(train::EvalArgs),
@@ -182,6 +195,9 @@ fn main() -> ExitCode {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => train::eval(a),
         Command::Dpo(a) => dpo::run(a),
+        Command::Reward(a) => reward::run(a),
+        Command::Grpo(a) => grpo::run(a),
+        Command::Ppo(a) => ppo::run(a),
         Command::Quantize(a) => models::quantize(a),
         Command::InspectAdapter { dir, json } => inspect_adapter(dir, *json),
     };

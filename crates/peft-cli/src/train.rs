@@ -632,7 +632,7 @@ fn model_type(path: &Path) -> String {
         .unwrap_or_else(|| "llama".into())
 }
 
-fn lora_fields(r: &Resolved) -> LoraFields {
+pub(crate) fn lora_fields(r: &Resolved) -> LoraFields {
     LoraFields {
         r: r.rank,
         lora_alpha: r.alpha,

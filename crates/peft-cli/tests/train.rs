@@ -471,3 +471,175 @@ fn every_method_trains_a_step_and_writes_its_files() {
         .failure();
     assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("no bias parameters"));
 }
+
+#[test]
+fn reward_then_grpo_and_ppo_run_end_to_end_at_a_tiny_scale() {
+    // The reward, GRPO and PPO stages of docs/rlhf.md, shrunk: a reward model from 4
+    // preference pairs in 1 step, then 1 GRPO step on 2 prompts and 2 PPO steps on 1
+    // rollout against it.
+    let Some(model) = smollm2() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (prefs, prefs_val) = (dir.path().join("p.jsonl"), dir.path().join("pv.jsonl"));
+    demo_lines("preferences.jsonl", 0..4, &prefs);
+    demo_lines("preferences_val.jsonl", 0..2, &prefs_val);
+    let out_dir = dir.path().join("rm");
+    let out = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["reward", "--model", model.to_str().unwrap()])
+        .args([
+            "--data",
+            prefs.to_str().unwrap(),
+            "--val-data",
+            prefs_val.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+        ])
+        .args([
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--rank",
+            "4",
+            "--lr",
+            "1e-3",
+            "--method",
+            "lora",
+        ])
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(stdout.contains("| accuracy |"), "{stdout}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    for k in [
+        "loss",
+        "accuracy",
+        "margin",
+        "rewards_chosen",
+        "val_accuracy",
+    ] {
+        assert!(
+            lines[0][k].as_f64().unwrap().is_finite(),
+            "{k} in {}",
+            lines[0]
+        );
+    }
+    for f in ["loss.png", "README.md", "results.json"] {
+        assert!(out_dir.join(f).exists(), "no {f}");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["score"]));
+    let inspect = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["inspect-adapter", "--json"])
+        .arg(out_dir.join("adapter"))
+        .assert()
+        .success();
+    let report = String::from_utf8_lossy(&inspect.get_output().stdout).to_string();
+    assert!(report.contains("base_model.model.score.weight"), "{report}");
+
+    let bad = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["reward", "--model", model.to_str().unwrap()])
+        .args(["--data", prefs.to_str().unwrap(), "--out"])
+        .arg(dir.path().join("x"))
+        .arg("--center-rewards-coefficient=-1")
+        .assert()
+        .failure();
+    assert!(
+        String::from_utf8_lossy(&bad.get_output().stderr).contains("center-rewards-coefficient")
+    );
+
+    let grpo = dir.path().join("grpo");
+    let out = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["grpo", "--model", model.to_str().unwrap(), "--reward-model"])
+        .arg(out_dir.join("adapter"))
+        .args(["--data", prefs_val.to_str().unwrap(), "--out"])
+        .arg(&grpo)
+        .args([
+            "--val-fraction",
+            "0",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+        ])
+        .args([
+            "--num-generations",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--rank",
+            "4",
+        ])
+        .args(["--beta", "0.04"])
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(stdout.contains("mean sampled reward"), "{stdout}");
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(grpo.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    for k in ["loss", "reward", "reward_std", "completion_length", "kl"] {
+        assert!(line[k].as_f64().unwrap().is_finite(), "{k} in {line}");
+    }
+    assert!(grpo.join("adapter/adapter_model.safetensors").exists());
+    let bad = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["grpo", "--model", model.to_str().unwrap(), "--reward-model"])
+        .arg(dir.path())
+        .args(["--data", prefs.to_str().unwrap(), "--out"])
+        .arg(dir.path().join("y"))
+        .assert()
+        .failure();
+    assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("peft reward"));
+    let ppo = dir.path().join("ppo");
+    let out = Command::cargo_bin("peft")
+        .unwrap()
+        .args(["ppo", "--model", model.to_str().unwrap(), "--reward-model"])
+        .arg(out_dir.join("adapter"))
+        .args(["--data", prefs_val.to_str().unwrap(), "--out"])
+        .arg(&ppo)
+        .args(["--max-steps", "2", "--batch-size", "1", "--ppo-epochs", "2"])
+        .args(["--max-new-tokens", "3", "--rank", "4"])
+        .assert()
+        .success();
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
+    assert!(stdout.contains("mean reward-model score"), "{stdout}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(ppo.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for k in [
+        "objective/kl",
+        "objective/scores",
+        "policy/clipfrac",
+        "loss/value",
+    ] {
+        assert!(
+            lines[0][k].as_f64().unwrap().is_finite(),
+            "{k} in {}",
+            lines[0]
+        );
+    }
+    // A fresh adapter: the first rollout's policy is the reference.
+    assert!(lines[0]["objective/kl"].as_f64().unwrap().abs() < 1e-3);
+    assert!(ppo.join("adapter/adapter_model.safetensors").exists());
+}

@@ -9,9 +9,10 @@ use peft_train::{Result, TrainError};
 use serde::Deserialize;
 
 use crate::dpo::PreferencePair;
+use crate::reward::RewardPair;
 
 /// One preference record.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Preference {
     /// The prompt (the user's message).
     pub prompt: String,
@@ -19,6 +20,10 @@ pub struct Preference {
     pub chosen: String,
     /// The other answer.
     pub rejected: String,
+    /// For reward models: how much better the chosen answer should score (TRL's `margin`
+    /// column); absent means 0.
+    #[serde(default)]
+    pub margin: Option<f64>,
 }
 
 /// Reads preference records; a bad line is named with its number.
@@ -82,4 +87,22 @@ pub fn tokenize_preference(
 /// The prompt as chat messages (for generation).
 pub fn prompt_messages(p: &Preference) -> Vec<ChatMessage> {
     vec![ChatMessage::user(p.prompt.clone())]
+}
+
+/// Tokenizes a preference for reward modelling: each full conversation (prompt and
+/// answer, rendered with the chat template), scored at its last token.
+///
+/// # Errors
+/// A template or tokenizer error.
+pub fn tokenize_reward_pair(
+    tok: &Tokenizer,
+    p: &Preference,
+    opts: &RenderOptions,
+) -> Result<RewardPair> {
+    let pair = tokenize_preference(tok, p, opts)?;
+    Ok(RewardPair {
+        chosen: pair.chosen,
+        rejected: pair.rejected,
+        margin: p.margin.unwrap_or(0.0),
+    })
 }

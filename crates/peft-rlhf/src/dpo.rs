@@ -135,9 +135,9 @@ pub fn dpo_loss<B: Backend>(
     }
 }
 
-/// The summed log-probability of each sequence's target tokens (`[sequences]`), and their
-/// counts: the log-probability of a completion given its prompt.
-pub fn sequence_logps<B: Backend, M: CausalLm<B>>(
+/// The log-probability of every target token of `seqs` (`[targets]`, sequence by sequence,
+/// in position order), with the index of the sequence each belongs to.
+pub fn token_logps<B: Backend, M: CausalLm<B>>(
     model: &M,
     seqs: &[&Tokenized],
     pad: u32,
@@ -146,9 +146,8 @@ pub fn sequence_logps<B: Backend, M: CausalLm<B>>(
     let batch = Batch::new(seqs, pad);
     let (b, len) = (batch.ids.len(), batch.len);
     let n = batch.positions.len();
-    let counts: Vec<usize> = seqs.iter().map(|s| s.targets()).collect();
     if n == 0 {
-        return (Tensor::zeros([b], device), counts);
+        return (Tensor::zeros([0], device), Vec::new());
     }
     let flat: Vec<i32> = batch.ids.iter().flatten().map(|&t| t as i32).collect();
     let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, len]), device);
@@ -160,14 +159,40 @@ pub fn sequence_logps<B: Backend, M: CausalLm<B>>(
     let v = logits.dims()[2];
     let tg: Vec<i32> = batch.targets.iter().map(|&t| t as i32).collect();
     let tg = Tensor::<B, 1, Int>::from_data(TensorData::new(tg, [n]), device).unsqueeze_dim(1);
-    let token_logps = log_softmax(logits.reshape([n, v]), 1).gather(1, tg); // [n, 1]
+    let owner = batch.positions.iter().map(|&p| p / len).collect();
+    (
+        log_softmax(logits.reshape([n, v]), 1)
+            .gather(1, tg)
+            .reshape([n]),
+        owner,
+    )
+}
+
+/// The summed log-probability of each sequence's target tokens (`[sequences]`), and their
+/// counts: the log-probability of a completion given its prompt.
+pub fn sequence_logps<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    seqs: &[&Tokenized],
+    pad: u32,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Vec<usize>) {
+    let b = seqs.len();
+    let counts: Vec<usize> = seqs.iter().map(|s| s.targets()).collect();
+    let (token_logps, owner) = token_logps(model, seqs, pad, device);
+    let n = owner.len();
+    if n == 0 {
+        return (Tensor::zeros([b], device), counts);
+    }
     // Sum per sequence with a [b, n] membership matrix (differentiable, no scatter).
     let mut member = vec![0f32; b * n];
-    for (j, &p) in batch.positions.iter().enumerate() {
-        member[(p / len) * n + j] = 1.0;
+    for (j, &s) in owner.iter().enumerate() {
+        member[s * n + j] = 1.0;
     }
     let member = Tensor::<B, 2>::from_data(TensorData::new(member, [b, n]), device);
-    (member.matmul(token_logps).reshape([b]), counts)
+    (
+        member.matmul(token_logps.unsqueeze_dim(1)).reshape([b]),
+        counts,
+    )
 }
 
 /// A preference pair ready for DPO: the prompt with each completion (targets on the

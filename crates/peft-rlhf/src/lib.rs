@@ -9,6 +9,14 @@
 //!   rewards and margins TRL logs. The reference is the same model without the adapter being
 //!   trained: its log-probabilities are computed once before training
 //!   ([`dpo::reference_logps`]), so no second copy of the weights is held;
+//! - reward models ([`reward`]): a scalar `score` head on the adapted model, the
+//!   Bradley-Terry loss of TRL's `RewardTrainer` and pairwise accuracy, saved with the
+//!   adapter as peft's `modules_to_save` (a `SEQ_CLS` adapter Python's peft loads);
+//! - GRPO ([`grpo`]): group-relative advantages and TRL's clipped loss, sampling from the
+//!   policy inside the loop's loss, with an optional KL to the adapter-disabled model;
+//! - PPO ([`ppo`]): a value head on the policy, KL-penalised rewards against the
+//!   adapter-disabled model, GAE, whitening, clipped policy and value losses, each rollout
+//!   reused for `ppo_epochs` updates;
 //! - preference data in JSONL ([`data`]).
 //!
 //! ```no_run
@@ -25,6 +33,9 @@
 
 pub mod data;
 pub mod dpo;
+pub mod grpo;
+pub mod ppo;
+pub mod reward;
 
 /// The supervised fine-tuning objective (token cross-entropy, prompt tokens masked).
 pub use peft_train::trainer::TokenCrossEntropy as Sft;

@@ -33,6 +33,19 @@ pub trait Objective {
         examples: &[&Self::Example],
         device: &B::Device,
     ) -> Tensor<B, 1>;
+    /// Called by the training loop before each micro-batch's [`loss`](Self::loss) with the
+    /// same examples and the model *without* autodiff (`AutodiffModule::valid`, sharing the
+    /// parameters): the place for work that needs no gradient, such as sampling completions
+    /// for on-policy methods, which would otherwise build autodiff graphs for every generated
+    /// token. Default: nothing.
+    fn rollout<B: Backend, M: CausalLm<B>>(
+        &self,
+        model: &M,
+        examples: &[&Self::Example],
+        device: &B::Device,
+    ) {
+        let _ = (model, examples, device);
+    }
     /// How many targets `example` has (the loss is a sum over them).
     fn targets(&self, example: &Self::Example) -> usize;
     /// How many tokens `example` has (for throughput).
@@ -387,6 +400,7 @@ where
         let mut grads = GradStore::<B::InnerBackend>::default();
         let mut loss_sum = 0.0f64;
         for mb in picked.chunks(opts.batch_size) {
+            objective.rollout(&model.valid(), mb, device);
             let l = objective.loss(&model, mb, device);
             let value: f32 = l.clone().into_scalar().elem();
             loss_sum += f64::from(value);
