@@ -260,6 +260,8 @@ fn fixtures() -> Result<()> {
         "scripts/fixtures/prompt.py",
         "scripts/fixtures/qlora.py",
         "scripts/fixtures/rlhf.py",
+        "scripts/fixtures/reward.py",
+        "scripts/fixtures/rl.py",
     ] {
         run(py, &["-P", script])?;
     }
