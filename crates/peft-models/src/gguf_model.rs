@@ -291,7 +291,14 @@ where
 /// # Errors
 /// A missing or malformed file, or tokenizer metadata this build cannot rebuild.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    let file = GgufFile::open(path)?;
+    tokenizer_from_gguf(&GgufFile::open(path)?)
+}
+
+/// Rebuilds the tokenizer (and chat template) from a parsed GGUF file's metadata.
+///
+/// # Errors
+/// Tokenizer metadata this build cannot rebuild.
+pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer> {
     let strings = |key: &str| -> Vec<String> {
         file.get(key)
             .and_then(GgufValue::as_array)
