@@ -108,18 +108,20 @@ impl WeightSource for GgufSource<'_> {
             path: self.file.path().to_path_buf(),
         };
         let g = hf_to_gguf(name).ok_or_else(missing)?;
-        if self.file.tensor(&g).is_none() {
+        let Some(info) = self.file.tensor(&g) else {
             return Err(missing());
-        }
-        let (shape, mut data) = self.file.read_tensor_f32(&g)?;
-        if shape != expected {
+        };
+        // The shape is checked before the data is read.
+        if info.shape() != expected {
             return Err(ModelError::ShapeMismatch {
                 name: g,
                 expected: expected.to_vec(),
-                found: shape,
+                found: info.shape(),
                 path: self.file.path().to_path_buf(),
             });
         }
+        let (shape, mut data) = self.file.read_tensor_f32(&g)?;
+        crate::weights::check_finite(&g, &data, self.file.path())?;
         if let Some((qh, kvh, hd)) = self.unpermute {
             let cols = if shape.len() == 2 { shape[1] } else { 1 };
             if g.ends_with("attn_q.weight") || g.ends_with("attn_q.bias") {
