@@ -6,7 +6,7 @@
 //! ```
 //! let parent = tempfile::tempdir()?;
 //! let out = parent.path().join("merged");
-//! let failed = peft_cli::output::staged(&out, |tmp| {
+//! let failed: anyhow::Result<()> = peft_cli::output::staged(&out, |tmp| {
 //!     std::fs::write(tmp.join("config.json"), "{}")?;
 //!     anyhow::bail!("the weights could not be written")
 //! });

@@ -167,6 +167,24 @@ fn files_claiming_huge_tensors_are_refused_before_allocating() {
         );
     }
 
+    // safetensors whose header length is 2^40 bytes (in a 16-byte file), and a file longer
+    // than its header says (trailing bytes).
+    let mut huge_header = (1u64 << 40).to_le_bytes().to_vec();
+    huge_header.extend(b"{}      ");
+    let header = serde_json::json!({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}});
+    let mut trailing = safetensors_with(&header, 8);
+    trailing.extend([0u8; 100]);
+    for (bytes, what) in [(huge_header, "header length"), (trailing, "trailing bytes")] {
+        let (r, largest) = largest_allocation(|| {
+            TensorFile::from_bytes(&bytes, PathBuf::from("adapter_model.safetensors"))
+        });
+        let msg = r.unwrap_err().to_string();
+        assert!(msg.contains("not a valid safetensors"), "{what}: {msg}");
+        assert!(largest < LIMIT, "{what}: allocated {largest} bytes");
+        let r = SafetensorsSource::from_bytes(bytes.clone(), PathBuf::from("model.safetensors"));
+        assert!(r.is_err(), "{what}: the model reader accepted it");
+    }
+
     // bitsandbytes: a quant state claiming [2^20, 2^20] (a trillion 4-bit values over 32
     // bytes of codes) and one whose element count overflows.
     for (shape, want) in [
