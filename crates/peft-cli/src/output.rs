@@ -36,22 +36,43 @@ fn staging_dir(out: &Path) -> PathBuf {
 /// Runs `write` on a fresh temporary directory next to `out`, then moves what it wrote into
 /// `out`: the whole directory at once when `out` does not exist or is empty, else file by
 /// file (each file replaced atomically). On failure the temporary directory is removed and
-/// `out` is left as it was.
+/// `out` is left as it was; temporary directories of earlier, killed attempts at the same
+/// `out` are removed first.
 ///
 /// # Errors
 /// `write`'s error, or an I/O error creating or moving the files (naming the path).
 pub fn staged<T>(out: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     let tmp = staging_dir(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)
-            .with_context(|| format!("removing the leftover {}", tmp.display()))?;
-    }
+    remove_leftovers(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let result = write(&tmp).and_then(|v| move_into_place(&tmp, out).map(|()| v));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+/// Removes the staging directories of earlier attempts at the same output (a process
+/// killed while writing leaves one, named with its own id).
+fn remove_leftovers(tmp: &Path) {
+    let (Some(parent), Some(name)) = (tmp.parent(), tmp.file_name()) else {
+        return;
+    };
+    let name = name.to_string_lossy();
+    let Some((prefix, _)) = name.rsplit_once('-') else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{prefix}-"))
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn move_into_place(tmp: &Path, out: &Path) -> Result<()> {

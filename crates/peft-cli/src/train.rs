@@ -9,6 +9,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use peft_core::config::{AdapterConfig, LoraFields};
+use peft_core::format::write_atomic;
 use peft_core::target::Targets;
 use peft_core::trainable::{AdapterOnly, Everything, freeze, trainable_report};
 use peft_models::CausalLm;
@@ -323,21 +324,17 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    match m {
-                        Lm::Llama(m) => peft_lora::save_adapter(
-                            m,
-                            "default",
-                            &cfg_of(lora.clone()),
-                            &adapter_dir,
-                        )?,
-                        Lm::Gpt2(m) => peft_lora::save_adapter(
-                            m,
-                            "default",
-                            &cfg_of(lora.clone()),
-                            &adapter_dir,
-                        )?,
-                    };
-                    Ok(adapter_dir.clone())
+                    staged_dir(&adapter_dir, |dir| {
+                        match m {
+                            Lm::Llama(m) => {
+                                peft_lora::save_adapter(m, "default", &cfg_of(lora.clone()), dir)?
+                            }
+                            Lm::Gpt2(m) => {
+                                peft_lora::save_adapter(m, "default", &cfg_of(lora.clone()), dir)?
+                            }
+                        };
+                        Ok(())
+                    })
                 },
             )
         }
@@ -365,8 +362,10 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    peft_lora::save_adapter(m, "default", &cfg_of(lora.clone()), &adapter_dir)?;
-                    Ok(adapter_dir.clone())
+                    staged_dir(&adapter_dir, |dir| {
+                        peft_lora::save_adapter(m, "default", &cfg_of(lora.clone()), dir)?;
+                        Ok(())
+                    })
                 },
             )
         }
@@ -384,12 +383,13 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    let dir = r.out.join("model");
                     let Lm::Llama(m) = m else {
                         bail!("full fine-tuning writes Llama-family models only in this build");
                     };
-                    peft_models::export::save_llama_hf(m, Some(&tok), &dir)?;
-                    Ok(dir)
+                    staged_dir(&r.out.join("model"), |dir| {
+                        peft_models::export::save_llama_hf(m, Some(&tok), dir)?;
+                        Ok(())
+                    })
                 },
             )
         }
@@ -413,13 +413,15 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    peft_adapter::ia3::save_adapter(
-                        m,
-                        "default",
-                        &adapter_config(fields.clone(), r),
-                        &adapter_dir,
-                    )?;
-                    Ok(adapter_dir.clone())
+                    staged_dir(&adapter_dir, |dir| {
+                        peft_adapter::ia3::save_adapter(
+                            m,
+                            "default",
+                            &adapter_config(fields.clone(), r),
+                            dir,
+                        )?;
+                        Ok(())
+                    })
                 },
             )
         }
@@ -440,13 +442,15 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    peft_adapter::bottleneck::save_adapter(
-                        m,
-                        "default",
-                        &adapter_config(fields.clone(), r),
-                        &adapter_dir,
-                    )?;
-                    Ok(adapter_dir.clone())
+                    staged_dir(&adapter_dir, |dir| {
+                        peft_adapter::bottleneck::save_adapter(
+                            m,
+                            "default",
+                            &adapter_config(fields.clone(), r),
+                            dir,
+                        )?;
+                        Ok(())
+                    })
                 },
             )
         }
@@ -468,8 +472,10 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    peft_prompt::save_adapter(m, "default", &config, &adapter_dir)?;
-                    Ok(adapter_dir.clone())
+                    staged_dir(&adapter_dir, |dir| {
+                        peft_prompt::save_adapter(m, "default", &config, dir)?;
+                        Ok(())
+                    })
                 },
             )
         }
@@ -489,15 +495,25 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 model,
                 |m| {
                     // The trained biases, by module path (with the base model, all that changed).
-                    let dir = r.out.join("bitfit");
                     let biases = peft_train::optim::trainable_tensors(&freeze(m.clone(), &policy));
-                    std::fs::create_dir_all(&dir)?;
-                    peft_core::format::TensorFile::write(dir.join("biases.safetensors"), biases)?;
-                    Ok(dir)
+                    staged_dir(&r.out.join("bitfit"), |dir| {
+                        peft_core::format::TensorFile::write(
+                            dir.join("biases.safetensors"),
+                            biases,
+                        )?;
+                        Ok(())
+                    })
                 },
             )
         }
     }
+}
+
+/// Writes a directory of results through a temporary sibling moved into place whole
+/// ([`peft_cli::output::staged`]), so a failure leaves no half-written adapter; returns it.
+fn staged_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    peft_cli::output::staged(dir, write)?;
+    Ok(dir.to_path_buf())
 }
 
 /// Scores, trains and reports a model whose method has been added and frozen; `save`
@@ -552,7 +568,7 @@ where
                 serde_json::json!({"expected": a.expected, "got": a.got, "correct": a.correct})
             );
         }
-        std::fs::write(r.out.join("answers.jsonl"), lines)?;
+        write_atomic(&r.out.join("answers.jsonl"), lines.as_bytes())?;
     }
     let table = report_table(before.as_ref(), &after);
     println!("\n{table}");
@@ -565,16 +581,16 @@ where
         &table,
         started,
     );
-    std::fs::write(r.out.join("README.md"), &summary)?;
+    write_atomic(&r.out.join("README.md"), summary.as_bytes())?;
     let results = serde_json::json!({
         "before": before, "after": after, "model_step": done.model_step,
         "steps": done.state.step, "stopped_early": done.stopped_early,
         "tokens": done.state.tokens, "train_seconds": done.state.elapsed_s,
         "options": r,
     });
-    std::fs::write(
-        r.out.join("results.json"),
-        serde_json::to_string_pretty(&results)?,
+    write_atomic(
+        &r.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?.as_bytes(),
     )?;
     println!(
         "wrote {} (the result), {}, {} and {} in {:.0} s",

@@ -91,6 +91,25 @@ fn outcome(out: &Path) -> (Vec<u8>, Vec<u8>, Vec<(u64, f64)>) {
     (adapter, config, losses)
 }
 
+/// Entries under `dir` whose name starts with a dot (temporary files and directories of
+/// interrupted writes), except inside `checkpoints/`, which the next resume cleans.
+fn hidden_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if e.file_name().to_string_lossy().starts_with('.') {
+                out.push(p.clone());
+            }
+            if p.is_dir() && e.file_name() != "checkpoints" {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
 /// A small deterministic generator for the kill moments (SplitMix64).
 struct Rng(u64);
 
@@ -141,6 +160,12 @@ fn kill_resume_loop(kills: usize, seed: u64) -> LoopReport {
             out.display()
         );
         assert_eq!(got.2, reference.2, "{}: the losses differ", out.display());
+        let hidden = hidden_entries(out);
+        assert!(
+            hidden.is_empty(),
+            "{}: temporary files left behind: {hidden:?}",
+            out.display()
+        );
         report.rounds_compared += 1;
     };
     while report.kills < kills {

@@ -61,7 +61,8 @@ pub fn split_key<'k>(key: &'k str, markers: &[&str]) -> Option<(&'k str, &'k str
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed to
-/// disk, then renamed over `path`. A crash leaves either the old file or the new one.
+/// disk, then renamed over `path`. A crash leaves either the old file or the new one (and
+/// a temporary file, which the next write of `path` removes).
 ///
 /// # Errors
 /// [`PeftError::Io`]; the temporary file is removed on failure.
@@ -76,6 +77,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    // Temporary files of earlier writes of the same file by killed processes.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let prefix = format!(".{name}.tmp");
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
