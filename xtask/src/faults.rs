@@ -18,7 +18,7 @@ pub fn kill_resume(root: &Path, args: &[String]) -> Result<()> {
         None => 50,
     };
     println!(
-        "\n$ KILL_RESUME_ITERATIONS={n} cargo test -p peft-cli --test faults -- --ignored --nocapture kill_and_resume_loop"
+        "\n$ KILL_RESUME_ITERATIONS={n} cargo test -p peft-cli --test faults -- --ignored --exact --nocapture kill_and_resume_loop"
     );
     let status = Command::new("cargo")
         .current_dir(root)
