@@ -18,6 +18,8 @@
 //! - `demo [ARGS]`: the README's main job: fine-tunes SmolLM2-135M-Instruct with LoRA on
 //!   the bundled extraction task and prints the before/after table (ARGS go to `peft train`).
 //! - `demo-data`: regenerates the demo's data set in `data/demo/`.
+//! - `fuzz [TARGET] [--seconds N]`: runs the fuzz targets of `fuzz/` (see `fuzz.rs`).
+//! - `kill-resume [N]`: kills and resumes `peft train` N times (see `faults.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -26,6 +28,8 @@ use anyhow::{Context, Result, bail};
 
 mod bench_train;
 mod demo_data;
+mod faults;
+mod fuzz;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -400,6 +404,8 @@ fn main() -> ExitCode {
         "demo" => demo(rest),
         "demo-data" => demo_data::generate(&root().join("data/demo")),
         "fetch-model" => fetch_model(rest),
+        "fuzz" => fuzz::run(&root(), rest),
+        "kill-resume" => faults::kill_resume(&root(), rest),
         _ => {
             println!(
                 "usage: cargo xtask <ci [--no-wgpu] | bench [FILTER] [--report-only] | bench train [--compare-python] | fixtures | demo | demo-data | fetch-model smollm2>"

@@ -641,7 +641,8 @@ where
     let cfg = AdapterConfig::<BottleneckFields>::load(dir)?;
     let fields = &cfg.method;
     let sites = sites(model)?;
-    let mut file = TensorFile::read(dir.join(WEIGHTS_FILE))?;
+    let mut file = TensorFile::read(dir.join(WEIGHTS_FILE))?
+        .with_base_model(cfg.common.base_model_name_or_path.as_deref());
     let mut done = Vec::new();
     model.map_sublayers(&mut |path, slot| {
         let Some(site) = sites.iter().find(|s| s.slot == path) else {

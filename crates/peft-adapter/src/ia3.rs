@@ -371,7 +371,8 @@ where
 {
     let cfg = AdapterConfig::<Ia3Fields>::load(dir)?;
     let plan = plan(model, &cfg.method)?;
-    let mut file = TensorFile::read(dir.join(WEIGHTS_FILE))?;
+    let mut file = TensorFile::read(dir.join(WEIGHTS_FILE))?
+        .with_base_model(cfg.common.base_model_name_or_path.as_deref());
     let mut done = Vec::new();
     model.map_linears(&mut |path, layer| {
         let Some((_, ff)) = plan.iter().find(|(p, _)| p == path) else {

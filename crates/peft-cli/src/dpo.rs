@@ -170,10 +170,14 @@ fn dpo_on<B: AutodiffBackend>(
     let config = AdapterConfig::new(lora)
         .with_task_type("CAUSAL_LM")
         .with_base_model(r.model.display().to_string());
-    match &model {
-        Lm::Llama(m) => peft_lora::save_adapter(m, "default", &config, &dir)?,
-        Lm::Gpt2(m) => peft_lora::save_adapter(m, "default", &config, &dir)?,
-    };
+    // Staged: a failure half-way leaves no half-written adapter.
+    peft_cli::output::staged(&dir, |dir| {
+        match &model {
+            Lm::Llama(m) => peft_lora::save_adapter(m, "default", &config, dir)?,
+            Lm::Gpt2(m) => peft_lora::save_adapter(m, "default", &config, dir)?,
+        };
+        Ok(())
+    })?;
     if let Some((loss_before, m_before)) = before {
         let after = evaluate_loss(&model, &objective, &val_set, options.batch_size, device);
         let m_after = objective.take_metrics_map();

@@ -147,10 +147,13 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     let path = crate::train::resolve_model(&a.model);
     let model: peft_qlora::QloraLlama<B> = peft_qlora::load_qlora_llama(&path, &config, &device)?;
     let memory = peft_qlora::base_memory(&model);
-    peft_qlora::save_bnb_llama(&model, &a.out)?;
-    if let Ok(tok) = load_tokenizer(&path) {
-        peft_models::export::save_tokenizer(&tok, &a.out)?;
-    }
+    peft_cli::output::staged(&a.out, |out| {
+        peft_qlora::save_bnb_llama(&model, out)?;
+        if let Ok(tok) = load_tokenizer(&path) {
+            peft_models::export::save_tokenizer(&tok, out)?;
+        }
+        Ok(())
+    })?;
     println!(
         "quantized {} linear weights to {} (block {}{}): {:.3} bytes per weight; wrote {}",
         memory.weights,
@@ -445,21 +448,24 @@ pub fn merge(a: &MergeArgs) -> Result<()> {
             a.model.display()
         );
     }
-    peft_models::export::save_llama_hf(&model, tokenizer.as_ref(), &a.out)?;
-    if !is_gguf(&a.model) {
-        for f in [
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "chat_template.jinja",
-            "generation_config.json",
-        ] {
-            let src = a.model.join(f);
-            if src.exists() {
-                std::fs::copy(&src, a.out.join(f))
-                    .with_context(|| format!("copying {}", src.display()))?;
+    peft_cli::output::staged(&a.out, |out| {
+        peft_models::export::save_llama_hf(&model, tokenizer.as_ref(), out)?;
+        if !is_gguf(&a.model) {
+            for f in [
+                "tokenizer_config.json",
+                "special_tokens_map.json",
+                "chat_template.jinja",
+                "generation_config.json",
+            ] {
+                let src = a.model.join(f);
+                if src.exists() {
+                    std::fs::copy(&src, out.join(f))
+                        .with_context(|| format!("copying {}", src.display()))?;
+                }
             }
         }
-    }
+        Ok(())
+    })?;
     println!(
         "merged {} adapter(s) into {}; wrote {}",
         a.adapters.len(),

@@ -9,211 +9,20 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use peft_core::config::{AdapterConfig, LoraFields};
+use peft_core::format::write_atomic;
 use peft_core::target::Targets;
 use peft_core::trainable::{AdapterOnly, Everything, freeze, trainable_report};
+use peft_models::CausalLm;
 use peft_models::tokenizer::Tokenizer;
-use peft_models::{CausalLm, smollm2_gguf_path};
 use peft_train::data::{
     PrepareStats, Record, RenderOptions, Tokenized, load_splits, prepare, read_jsonl,
 };
 use peft_train::eval::{ExactMatch, exact_match};
-use peft_train::optim::{AdamWConfig, Decay};
 use peft_train::trainer::{EvalLoss, TokenCrossEntropy, TrainOptions, evaluate_loss, train};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::models::{Device, Lm, load_lm, load_tokenizer};
-
-/// The options of `peft train`, from flags and from the TOML file of `--config` (flags
-/// win). Paths in the file are relative to the file.
-#[derive(Args, Debug, Default, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainSettings {
-    /// The base model: a Hugging Face directory or a .gguf file (`smollm2`: the demo model,
-    /// fetched by `cargo xtask fetch-model smollm2`).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// The method: lora, qlora (LoRA over an NF4 base; or lora with --quantize), ia3,
-    /// adapter (bottleneck, seq_bn), bitfit, prompt, p-tuning, prefix, or full (full
-    /// fine-tuning, the baseline). docs/choosing-a-method.md compares them.
-    #[arg(long)]
-    pub method: Option<String>,
-    /// Training data (JSONL: `text`; `prompt` + `completion`; or chat `messages`).
-    #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// Validation data (JSONL); without it `val_fraction` of the data is held out.
-    #[arg(long)]
-    pub val_data: Option<PathBuf>,
-    /// Share of the data held out for validation when no --val-data is given (default 0.05).
-    #[arg(long)]
-    pub val_fraction: Option<f64>,
-    /// A JSONL test set scored by exact match of greedy answers before and after training.
-    #[arg(long)]
-    pub eval_data: Option<PathBuf>,
-    /// A plain-text file whose perplexity is measured before and after training (how much
-    /// general ability the run cost).
-    #[arg(long)]
-    pub general_text: Option<PathBuf>,
-    /// The output directory (adapter, metrics.jsonl, loss.png, README.md, checkpoints/).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Optimizer steps (default: as many as --epochs take).
-    #[arg(long)]
-    pub max_steps: Option<usize>,
-    /// Passes over the training data (default 1).
-    #[arg(long)]
-    pub epochs: Option<f64>,
-    /// Peak learning rate (default 2e-4).
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Sequences per micro-batch (default 4).
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step (default 1).
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    /// Maximum tokens per sequence; longer examples are cut and counted (default 512).
-    #[arg(long)]
-    pub seq_len: Option<usize>,
-    /// Pack short examples together into sequences of --seq-len tokens.
-    #[arg(long)]
-    pub pack: Option<bool>,
-    /// LoRA rank (default 16).
-    #[arg(long)]
-    pub rank: Option<usize>,
-    /// LoRA alpha (default 2 x rank).
-    #[arg(long)]
-    pub alpha: Option<f64>,
-    /// LoRA dropout (default 0.05).
-    #[arg(long)]
-    pub dropout: Option<f64>,
-    /// Target modules, comma-separated names, or all-linear (default).
-    #[arg(long)]
-    pub targets: Option<String>,
-    /// Quantize the frozen base to 4 bits (nf4 or fp4) for QLoRA.
-    #[arg(long)]
-    pub quantize: Option<String>,
-    /// Seed of the adapter's initialisation, the data order and dropout (default 42).
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Warm-up steps (default: 3% of the steps).
-    #[arg(long)]
-    pub warmup_steps: Option<usize>,
-    /// Learning-rate decay after warm-up: linear (default), cosine or constant.
-    #[arg(long)]
-    pub schedule: Option<String>,
-    /// AdamW's decoupled weight decay (default 0).
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Clip the global gradient norm to this (default 1.0; 0 turns clipping off).
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
-    /// Evaluate the validation loss every N steps (default: 10 times per run).
-    #[arg(long)]
-    pub eval_every: Option<usize>,
-    /// Write a checkpoint every N steps (default 50, and at the end).
-    #[arg(long)]
-    pub save_every: Option<usize>,
-    /// Stop after N evaluations without a better validation loss, keeping the best adapter.
-    #[arg(long)]
-    pub patience: Option<usize>,
-    /// A system message before every prompt.
-    #[arg(long)]
-    pub system: Option<String>,
-    /// Train on prompt tokens too (default: loss on completions and assistant turns only).
-    #[arg(long)]
-    pub train_on_prompt: Option<bool>,
-    /// Longest generated answer in exact-match evaluation (default 64 tokens).
-    #[arg(long)]
-    pub max_new_tokens: Option<usize>,
-    /// Recompute activations in the backward pass instead of keeping them (less memory,
-    /// more compute).
-    #[arg(long)]
-    pub grad_checkpointing: Option<bool>,
-    /// Pause after this step with a checkpoint; continue later with --resume.
-    #[arg(long)]
-    pub stop_at: Option<usize>,
-    /// Virtual tokens of prompt tuning, P-tuning and prefix tuning (default 20).
-    #[arg(long)]
-    pub num_virtual_tokens: Option<usize>,
-    /// Initialise prompt tuning from the embeddings of this text (peft's TEXT init).
-    #[arg(long)]
-    pub prompt_init_text: Option<String>,
-}
-
-macro_rules! merge_fields {
-    ($a:expr, $b:expr, $($f:ident),* $(,)?) => {
-        TrainSettings { $($f: $a.$f.clone().or_else(|| $b.$f.clone()),)* }
-    };
-}
-
-impl TrainSettings {
-    /// `self` where set, else `other`.
-    fn or(&self, other: &Self) -> Self {
-        merge_fields!(
-            self,
-            other,
-            model,
-            method,
-            data,
-            val_data,
-            val_fraction,
-            eval_data,
-            general_text,
-            out,
-            max_steps,
-            epochs,
-            lr,
-            batch_size,
-            grad_accum,
-            seq_len,
-            pack,
-            rank,
-            alpha,
-            dropout,
-            targets,
-            quantize,
-            seed,
-            warmup_steps,
-            schedule,
-            weight_decay,
-            max_grad_norm,
-            eval_every,
-            save_every,
-            patience,
-            system,
-            train_on_prompt,
-            max_new_tokens,
-            grad_checkpointing,
-            stop_at,
-            num_virtual_tokens,
-            prompt_init_text,
-        )
-    }
-
-    /// Reads a TOML file; relative paths become relative to the file's directory.
-    fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the config file {}", path.display()))?;
-        let mut s: Self = toml::from_str(&text)
-            .with_context(|| format!("in the config file {}", path.display()))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let rel = |p: &mut Option<PathBuf>| {
-            if let Some(p) = p
-                && p.is_relative()
-                && p.as_os_str() != "smollm2"
-            {
-                *p = base.join(&*p);
-            }
-        };
-        rel(&mut s.model);
-        rel(&mut s.data);
-        rel(&mut s.val_data);
-        rel(&mut s.eval_data);
-        rel(&mut s.general_text);
-        rel(&mut s.out);
-        Ok(s)
-    }
-}
+pub(crate) use peft_cli::settings::{Method, Resolved, TrainSettings, resolve_model};
 
 /// Arguments of `peft train`.
 #[derive(Args, Debug)]
@@ -232,160 +41,6 @@ pub struct TrainArgs {
     pub settings: TrainSettings,
 }
 
-/// The fully resolved options of a run.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct Resolved {
-    pub(crate) model: PathBuf,
-    pub(crate) method: Method,
-    pub(crate) data: PathBuf,
-    pub(crate) val_data: Option<PathBuf>,
-    pub(crate) val_fraction: f64,
-    pub(crate) eval_data: Option<PathBuf>,
-    pub(crate) general_text: Option<PathBuf>,
-    pub(crate) out: PathBuf,
-    pub(crate) seq_len: usize,
-    pub(crate) pack: bool,
-    pub(crate) rank: usize,
-    pub(crate) alpha: f64,
-    pub(crate) dropout: f64,
-    pub(crate) targets: String,
-    pub(crate) render: RenderOptions,
-    pub(crate) max_new_tokens: usize,
-    pub(crate) options: TrainOptions,
-    pub(crate) grad_checkpointing: bool,
-    pub(crate) warmup_steps: Option<usize>,
-    pub(crate) quantize: Option<String>,
-    pub(crate) num_virtual_tokens: usize,
-    pub(crate) prompt_init_text: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Method {
-    Lora,
-    Full,
-    Ia3,
-    Bottleneck,
-    Bitfit,
-    Prompt,
-    PTuning,
-    Prefix,
-}
-
-pub(crate) fn resolve_model(p: &Path) -> PathBuf {
-    if p.as_os_str() == "smollm2" && !p.exists() {
-        smollm2_gguf_path()
-    } else {
-        p.to_path_buf()
-    }
-}
-
-impl Resolved {
-    fn new(a: &TrainArgs) -> Result<Self> {
-        Self::from_settings(a.config.as_deref(), &a.settings)
-    }
-
-    pub(crate) fn from_settings(config: Option<&Path>, settings: &TrainSettings) -> Result<Self> {
-        let s = match config {
-            Some(c) => settings.or(&TrainSettings::from_file(c)?),
-            None => settings.clone(),
-        };
-        let model = resolve_model(
-            &s.model
-                .context("--model is required (or `model` in --config)")?,
-        );
-        let data = s
-            .data
-            .context("--data is required (or `data` in --config)")?;
-        let out = s.out.context("--out is required (or `out` in --config)")?;
-        let method = match s.method.as_deref().unwrap_or("lora") {
-            "lora" | "qlora" => Method::Lora,
-            "full" => Method::Full,
-            "ia3" => Method::Ia3,
-            "adapter" | "bottleneck" => Method::Bottleneck,
-            "bitfit" => Method::Bitfit,
-            "prompt" => Method::Prompt,
-            "p-tuning" => Method::PTuning,
-            "prefix" => Method::Prefix,
-            m => bail!(
-                "unknown --method `{m}`; use lora, qlora, ia3, adapter, bitfit, prompt, p-tuning, prefix or full"
-            ),
-        };
-        let quantize = match (s.method.as_deref(), &s.quantize) {
-            (_, Some(q)) => Some(q.to_ascii_lowercase()),
-            (Some("qlora"), None) => Some("nf4".to_string()),
-            _ => None,
-        };
-        if let Some(q) = &quantize {
-            if method != Method::Lora {
-                bail!("--quantize {q} trains LoRA over the 4-bit base: use --method lora or qlora");
-            }
-            if !matches!(q.as_str(), "nf4" | "fp4") {
-                bail!("--quantize takes nf4 or fp4, not `{q}`");
-            }
-        }
-        let rank = s.rank.unwrap_or(16);
-        let decay = match s.schedule.as_deref().unwrap_or("linear") {
-            "linear" => Decay::Linear,
-            "cosine" => Decay::Cosine,
-            "constant" => Decay::Constant,
-            o => bail!("unknown --schedule `{o}`; use linear, cosine or constant"),
-        };
-        let options = TrainOptions {
-            lr: s.lr.unwrap_or(2e-4),
-            batch_size: s.batch_size.unwrap_or(4),
-            grad_accum: s.grad_accum.unwrap_or(1),
-            max_steps: s.max_steps,
-            epochs: s.epochs.unwrap_or(1.0),
-            warmup_steps: 0,
-            decay,
-            adamw: AdamWConfig {
-                weight_decay: s.weight_decay.unwrap_or(0.0),
-                ..Default::default()
-            },
-            max_grad_norm: match s.max_grad_norm {
-                Some(n) if n <= 0.0 => None,
-                Some(n) => Some(n),
-                None => Some(1.0),
-            },
-            seed: s.seed.unwrap_or(42),
-            eval_every: s.eval_every,
-            save_every: Some(s.save_every.unwrap_or(50)),
-            keep_checkpoints: 2,
-            early_stopping_patience: s.patience,
-            progress: true,
-            stop_at: s.stop_at,
-        };
-        Ok(Self {
-            model,
-            method,
-            data,
-            val_data: s.val_data,
-            val_fraction: s.val_fraction.unwrap_or(0.05),
-            eval_data: s.eval_data,
-            general_text: s.general_text,
-            out,
-            seq_len: s.seq_len.unwrap_or(512),
-            pack: s.pack.unwrap_or(false),
-            rank,
-            alpha: s.alpha.unwrap_or(2.0 * rank as f64),
-            dropout: s.dropout.unwrap_or(0.05),
-            targets: s.targets.unwrap_or_else(|| "all-linear".into()),
-            render: RenderOptions {
-                completion_only: !s.train_on_prompt.unwrap_or(false),
-                system: s.system,
-            },
-            max_new_tokens: s.max_new_tokens.unwrap_or(64),
-            options,
-            grad_checkpointing: s.grad_checkpointing.unwrap_or(false),
-            warmup_steps: s.warmup_steps,
-            quantize,
-            num_virtual_tokens: s.num_virtual_tokens.unwrap_or(20),
-            prompt_init_text: s.prompt_init_text,
-        })
-    }
-}
-
 pub(crate) fn targets_of(spec: &str) -> Targets {
     if spec == "all-linear" || spec.contains(['*', '(', '[', '|', '\\', '$', '^']) {
         Targets::Pattern(spec.to_string())
@@ -396,7 +51,7 @@ pub(crate) fn targets_of(spec: &str) -> Targets {
 
 /// `peft train`.
 pub fn run(a: &TrainArgs) -> Result<()> {
-    let r = Resolved::new(a)?;
+    let r = Resolved::from_settings(a.config.as_deref(), &a.settings)?;
     if r.grad_checkpointing {
         use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
         crate::with_backend!(a.device, |B, device| train_on::<
@@ -669,21 +324,17 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    match m {
-                        Lm::Llama(m) => peft_lora::save_adapter(
-                            m,
-                            "default",
-                            &cfg_of(lora.clone()),
-                            &adapter_dir,
-                        )?,
-                        Lm::Gpt2(m) => peft_lora::save_adapter(
-                            m,
-                            "default",
-                            &cfg_of(lora.clone()),
-                            &adapter_dir,
-                        )?,
-                    };
-                    Ok(adapter_dir.clone())
+                    staged_dir(&adapter_dir, |dir| {
+                        match m {
+                            Lm::Llama(m) => {
+                                peft_lora::save_adapter(m, "default", &cfg_of(lora.clone()), dir)?
+                            }
+                            Lm::Gpt2(m) => {
+                                peft_lora::save_adapter(m, "default", &cfg_of(lora.clone()), dir)?
+                            }
+                        };
+                        Ok(())
+                    })
                 },
             )
         }
@@ -711,8 +362,10 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    peft_lora::save_adapter(m, "default", &cfg_of(lora.clone()), &adapter_dir)?;
-                    Ok(adapter_dir.clone())
+                    staged_dir(&adapter_dir, |dir| {
+                        peft_lora::save_adapter(m, "default", &cfg_of(lora.clone()), dir)?;
+                        Ok(())
+                    })
                 },
             )
         }
@@ -730,12 +383,13 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    let dir = r.out.join("model");
                     let Lm::Llama(m) = m else {
                         bail!("full fine-tuning writes Llama-family models only in this build");
                     };
-                    peft_models::export::save_llama_hf(m, Some(&tok), &dir)?;
-                    Ok(dir)
+                    staged_dir(&r.out.join("model"), |dir| {
+                        peft_models::export::save_llama_hf(m, Some(&tok), dir)?;
+                        Ok(())
+                    })
                 },
             )
         }
@@ -759,13 +413,15 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    peft_adapter::ia3::save_adapter(
-                        m,
-                        "default",
-                        &adapter_config(fields.clone(), r),
-                        &adapter_dir,
-                    )?;
-                    Ok(adapter_dir.clone())
+                    staged_dir(&adapter_dir, |dir| {
+                        peft_adapter::ia3::save_adapter(
+                            m,
+                            "default",
+                            &adapter_config(fields.clone(), r),
+                            dir,
+                        )?;
+                        Ok(())
+                    })
                 },
             )
         }
@@ -786,13 +442,15 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    peft_adapter::bottleneck::save_adapter(
-                        m,
-                        "default",
-                        &adapter_config(fields.clone(), r),
-                        &adapter_dir,
-                    )?;
-                    Ok(adapter_dir.clone())
+                    staged_dir(&adapter_dir, |dir| {
+                        peft_adapter::bottleneck::save_adapter(
+                            m,
+                            "default",
+                            &adapter_config(fields.clone(), r),
+                            dir,
+                        )?;
+                        Ok(())
+                    })
                 },
             )
         }
@@ -814,8 +472,10 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 before,
                 model,
                 |m| {
-                    peft_prompt::save_adapter(m, "default", &config, &adapter_dir)?;
-                    Ok(adapter_dir.clone())
+                    staged_dir(&adapter_dir, |dir| {
+                        peft_prompt::save_adapter(m, "default", &config, dir)?;
+                        Ok(())
+                    })
                 },
             )
         }
@@ -835,15 +495,25 @@ fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) 
                 model,
                 |m| {
                     // The trained biases, by module path (with the base model, all that changed).
-                    let dir = r.out.join("bitfit");
                     let biases = peft_train::optim::trainable_tensors(&freeze(m.clone(), &policy));
-                    std::fs::create_dir_all(&dir)?;
-                    peft_core::format::TensorFile::write(dir.join("biases.safetensors"), biases)?;
-                    Ok(dir)
+                    staged_dir(&r.out.join("bitfit"), |dir| {
+                        peft_core::format::TensorFile::write(
+                            dir.join("biases.safetensors"),
+                            biases,
+                        )?;
+                        Ok(())
+                    })
                 },
             )
         }
     }
+}
+
+/// Writes a directory of results through a temporary sibling moved into place whole
+/// ([`peft_cli::output::staged`]), so a failure leaves no half-written adapter; returns it.
+fn staged_dir(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    peft_cli::output::staged(dir, write)?;
+    Ok(dir.to_path_buf())
 }
 
 /// Scores, trains and reports a model whose method has been added and frozen; `save`
@@ -898,7 +568,7 @@ where
                 serde_json::json!({"expected": a.expected, "got": a.got, "correct": a.correct})
             );
         }
-        std::fs::write(r.out.join("answers.jsonl"), lines)?;
+        write_atomic(&r.out.join("answers.jsonl"), lines.as_bytes())?;
     }
     let table = report_table(before.as_ref(), &after);
     println!("\n{table}");
@@ -911,16 +581,16 @@ where
         &table,
         started,
     );
-    std::fs::write(r.out.join("README.md"), &summary)?;
+    write_atomic(&r.out.join("README.md"), summary.as_bytes())?;
     let results = serde_json::json!({
         "before": before, "after": after, "model_step": done.model_step,
         "steps": done.state.step, "stopped_early": done.stopped_early,
         "tokens": done.state.tokens, "train_seconds": done.state.elapsed_s,
         "options": r,
     });
-    std::fs::write(
-        r.out.join("results.json"),
-        serde_json::to_string_pretty(&results)?,
+    write_atomic(
+        &r.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?.as_bytes(),
     )?;
     println!(
         "wrote {} (the result), {}, {} and {} in {:.0} s",

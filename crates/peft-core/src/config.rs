@@ -269,16 +269,20 @@ fn config_path(path: &Path) -> PathBuf {
 pub fn read_peft_type(path: impl AsRef<Path>) -> Result<String> {
     let path = config_path(path.as_ref());
     let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io("read", &path, e))?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| PeftError::InvalidConfig {
-        path: path.clone(),
+    peft_type_of(&text, &path)
+}
+
+fn peft_type_of(text: &str, path: &Path) -> Result<String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| PeftError::InvalidConfig {
+        path: path.to_path_buf(),
         message: e.to_string(),
     })?;
     v.get("peft_type")
         .and_then(Value::as_str)
         .map(str::to_string)
         .ok_or_else(|| PeftError::InvalidConfig {
-            path,
-            message: "the `peft_type` field is missing".into(),
+            path: path.to_path_buf(),
+            message: "the `peft_type` field is missing (or is not a string)".into(),
         })
 }
 
@@ -707,18 +711,31 @@ impl AnyAdapterConfig {
     /// [`PeftError::UnsupportedPeftType`] for another type; otherwise as
     /// [`AdapterConfig::load`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let peft_type = read_peft_type(path)?;
+        let path = config_path(path.as_ref());
+        let text = std::fs::read_to_string(&path).map_err(|e| PeftError::io("read", &path, e))?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses a config of any supported type from JSON text.
+    ///
+    /// # Errors
+    /// As [`AnyAdapterConfig::load`], less the I/O errors.
+    pub fn from_json_str(json: &str) -> Result<Self> {
+        Self::parse(json, Path::new("<memory>"))
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Self> {
+        let peft_type = peft_type_of(text, path)?;
         Ok(match peft_type.to_ascii_uppercase().as_str() {
-            "LORA" => Self::Lora(AdapterConfig::load(path)?),
-            "IA3" => Self::Ia3(AdapterConfig::load(path)?),
-            "PROMPT_TUNING" => Self::PromptTuning(AdapterConfig::load(path)?),
-            "PREFIX_TUNING" => Self::PrefixTuning(AdapterConfig::load(path)?),
-            "P_TUNING" => Self::PromptEncoder(AdapterConfig::load(path)?),
+            "LORA" => Self::Lora(AdapterConfig::parse(text, path)?),
+            "IA3" => Self::Ia3(AdapterConfig::parse(text, path)?),
+            "PROMPT_TUNING" => Self::PromptTuning(AdapterConfig::parse(text, path)?),
+            "PREFIX_TUNING" => Self::PrefixTuning(AdapterConfig::parse(text, path)?),
+            "P_TUNING" => Self::PromptEncoder(AdapterConfig::parse(text, path)?),
             _ => {
                 return Err(PeftError::UnsupportedPeftType {
                     found: peft_type,
-                    context: format!(" in `{}`", config_path(path).display()),
+                    context: format!(" in `{}`", path.display()),
                     supported: Self::SUPPORTED.join(", "),
                 });
             }

@@ -78,7 +78,7 @@ pub enum PeftError {
     /// A tensor the adapter needs is absent from `adapter_model.safetensors`.
     #[error(
         "missing tensor `{key}` (expected shape {expected:?}) in `{path}`; \
-         the adapter file does not match this model or config"
+         the adapter file does not match this model or config{base}"
     )]
     MissingTensor {
         /// peft's key name.
@@ -87,24 +87,29 @@ pub enum PeftError {
         expected: Vec<usize>,
         /// The file.
         path: PathBuf,
+        /// `" (it was made for `NAME`)"` from `base_model_name_or_path`, or empty.
+        base: String,
     },
 
     /// `adapter_model.safetensors` has tensors that no module of the model claims.
     #[error(
         "unexpected tensor(s) in `{path}`: {keys}; the adapter targets modules this model \
-         does not have (was it made for another base model?)"
+         does not have (it was made for {base})"
     )]
     UnexpectedTensors {
         /// The unclaimed keys (comma-separated, possibly abbreviated).
         keys: String,
         /// The file.
         path: PathBuf,
+        /// The base model the adapter was made for, in words (see
+        /// [`crate::format::TensorFile::with_base_model`]).
+        base: String,
     },
 
     /// A tensor exists but has the wrong shape.
     #[error(
-        "tensor `{key}` in `{path}` has shape {found:?}, but this model expects {expected:?}; \
-         the adapter was probably made for a base model {hint}"
+        "tensor `{key}` in `{path}` has shape {found:?}, but this model expects {expected:?} \
+         {context}"
     )]
     ShapeMismatch {
         /// peft's key name.
@@ -113,8 +118,25 @@ pub enum PeftError {
         expected: Vec<usize>,
         /// The shape in the file.
         found: Vec<usize>,
-        /// A hint about the base model the file expects.
-        hint: String,
+        /// What the loaded model has there and which base model the adapter was made for
+        /// (see [`crate::format::TensorFile::with_base_model`]).
+        context: String,
+        /// The file.
+        path: PathBuf,
+    },
+
+    /// A tensor holds NaN or infinite values (a corrupt or diverged file).
+    #[error(
+        "tensor `{key}` in `{path}` holds {count} NaN or infinite value(s) out of {total}; \
+         the file is corrupt or comes from a run that diverged"
+    )]
+    NonFiniteTensor {
+        /// peft's key name.
+        key: String,
+        /// How many values are not finite.
+        count: usize,
+        /// How many values the tensor has.
+        total: usize,
         /// The file.
         path: PathBuf,
     },

@@ -61,7 +61,8 @@ pub fn split_key<'k>(key: &'k str, markers: &[&str]) -> Option<(&'k str, &'k str
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed to
-/// disk, then renamed over `path`. A crash leaves either the old file or the new one.
+/// disk, then renamed over `path`. A crash leaves either the old file or the new one (and
+/// a temporary file, which the next write of `path` removes).
 ///
 /// # Errors
 /// [`PeftError::Io`]; the temporary file is removed on failure.
@@ -76,6 +77,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    // Temporary files of earlier writes of the same file by killed processes.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let prefix = format!(".{name}.tmp");
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -95,6 +105,7 @@ pub struct TensorFile {
     path: PathBuf,
     tensors: BTreeMap<String, TensorData>,
     metadata: HashMap<String, String>,
+    base_model: Option<String>,
 }
 
 fn to_burn_dtype(dtype: Dtype) -> Option<DType> {
@@ -153,12 +164,30 @@ impl TensorFile {
             path,
             tensors,
             metadata,
+            base_model: None,
         })
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Records the base model the adapter was made for (`base_model_name_or_path` of its
+    /// `adapter_config.json`), so that a missing, mis-shaped or unexpected tensor names it:
+    /// an adapter loaded onto another model says which model it wants.
+    pub fn with_base_model(mut self, base: Option<&str>) -> Self {
+        self.base_model = base.filter(|b| !b.is_empty()).map(str::to_string);
+        self
+    }
+
+    /// The base model in words, for messages.
+    fn base_words(&self) -> String {
+        match &self.base_model {
+            Some(b) => format!("base model `{b}` (base_model_name_or_path in adapter_config.json)"),
+            None => "another base model (adapter_config.json records no base_model_name_or_path)"
+                .to_string(),
+        }
     }
 
     /// The `__metadata__` of the file.
@@ -176,11 +205,12 @@ impl TensorFile {
         self.tensors.get(key).map(|t| t.shape.to_vec())
     }
 
-    /// Takes a tensor that must exist with the given shape. `hint` completes the
-    /// shape-mismatch message ("with hidden size 576", ...).
+    /// Takes a tensor that must exist with the given shape and finite values. `hint`
+    /// completes the shape-mismatch message ("whose `q_proj` is [out=576, in=576]", ...).
     ///
     /// # Errors
-    /// [`PeftError::MissingTensor`] or [`PeftError::ShapeMismatch`].
+    /// [`PeftError::MissingTensor`], [`PeftError::ShapeMismatch`] or
+    /// [`PeftError::NonFiniteTensor`].
     pub fn take(&mut self, key: &str, expected: &[usize], hint: &str) -> Result<TensorData> {
         match self.take_optional(key, expected, hint)? {
             Some(t) => Ok(t),
@@ -188,14 +218,19 @@ impl TensorFile {
                 key: key.to_string(),
                 expected: expected.to_vec(),
                 path: self.path.clone(),
+                base: self
+                    .base_model
+                    .as_ref()
+                    .map(|b| format!(" (it was made for `{b}`)"))
+                    .unwrap_or_default(),
             }),
         }
     }
 
-    /// Takes a tensor if present, checking its shape.
+    /// Takes a tensor if present, checking its shape and that its values are finite.
     ///
     /// # Errors
-    /// [`PeftError::ShapeMismatch`].
+    /// [`PeftError::ShapeMismatch`] or [`PeftError::NonFiniteTensor`].
     pub fn take_optional(
         &mut self,
         key: &str,
@@ -216,11 +251,32 @@ impl TensorFile {
                 key: key.to_string(),
                 expected: expected.to_vec(),
                 found,
-                hint,
+                context: format!(
+                    "(the model loaded here is the one {hint}); the adapter was made for {}",
+                    self.base_words()
+                ),
                 path: self.path.clone(),
             });
         }
+        self.check_finite(key, &t)?;
         Ok(Some(t))
+    }
+
+    fn check_finite(&self, key: &str, t: &TensorData) -> Result<()> {
+        // Tensors are held as f32 (see `from_bytes`).
+        let Ok(values) = t.as_slice::<f32>() else {
+            return Ok(());
+        };
+        let count = values.iter().filter(|v| !v.is_finite()).count();
+        if count > 0 {
+            return Err(PeftError::NonFiniteTensor {
+                key: key.to_string(),
+                count,
+                total: values.len(),
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Takes a tensor of any shape.
@@ -239,6 +295,7 @@ impl TensorFile {
         let keys: Vec<&String> = self.tensors.keys().collect();
         Err(PeftError::UnexpectedTensors {
             keys: abbreviate(&keys, 10),
+            base: self.base_words(),
             path: self.path,
         })
     }

@@ -165,6 +165,61 @@ fn wrong_shape_names_the_key_and_both_shapes() {
 }
 
 #[test]
+fn an_adapter_for_another_base_names_the_base_it_was_made_for() {
+    // As a loader passes it from adapter_config.json's `base_model_name_or_path`.
+    let base = "HuggingFaceTB/SmolLM2-135M";
+    let mut file = TensorFile::read(fixture("lora_llama").join(WEIGHTS_FILE))
+        .unwrap()
+        .with_base_model(Some(base));
+    let key = peft_key("model.layers.0.self_attn.q_proj", "lora_A.weight");
+    let msg = file
+        .take(
+            &key,
+            &[4, 576],
+            "whose `q_proj` is [out=576, in=576] with r=4",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains(&format!("made for base model `{base}`"))
+            && msg.contains("base_model_name_or_path")
+            && msg.contains("[4, 16]")
+            && msg.contains("[4, 576]"),
+        "{msg}"
+    );
+    let msg = file.finish().unwrap_err().to_string();
+    assert!(msg.contains(&format!("`{base}`")), "{msg}");
+    // Without a recorded base the message says so.
+    let mut file = TensorFile::read(fixture("lora_llama").join(WEIGHTS_FILE)).unwrap();
+    let msg = file.take(&key, &[4, 576], "").unwrap_err().to_string();
+    assert!(msg.contains("records no base_model_name_or_path"), "{msg}");
+}
+
+#[test]
+fn non_finite_adapter_values_are_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(WEIGHTS_FILE);
+    let key = peft_key("model.layers.0.self_attn.q_proj", "lora_A.weight");
+    let data = TensorData::new(vec![0.0, f32::NAN, f32::INFINITY, 1.0], [2, 2]);
+    TensorFile::write(&path, vec![(key.clone(), data)]).unwrap();
+    let mut file = TensorFile::read(&path).unwrap();
+    let err = file.take(&key, &[2, 2], "").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PeftError::NonFiniteTensor {
+                count: 2,
+                total: 4,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&key) && msg.contains(WEIGHTS_FILE), "{msg}");
+}
+
+#[test]
 fn missing_and_unexpected_tensors_are_errors_that_name_the_key() {
     let mut file = TensorFile::read(fixture("lora_llama").join(WEIGHTS_FILE)).unwrap();
     let key = peft_key("model.layers.0.self_attn.k_proj", "lora_A.weight");

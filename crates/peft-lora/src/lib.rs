@@ -670,7 +670,8 @@ where
     let plan = plan_targets(model, fields, token.as_deref())?;
     let to_save = resolve_modules_to_save(model, fields)?;
     check_embedding_slot(model, &plan)?;
-    let mut file = TensorFile::read(dir.join(WEIGHTS_FILE))?;
+    let mut file = TensorFile::read(dir.join(WEIGHTS_FILE))?
+        .with_base_model(cfg.common.base_model_name_or_path.as_deref());
     let mut done = Vec::new();
     model.map_linears(&mut |path, layer| {
         let target = plan.linears.iter().find(|(p, _, _)| p == path);

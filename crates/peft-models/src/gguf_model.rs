@@ -108,18 +108,20 @@ impl WeightSource for GgufSource<'_> {
             path: self.file.path().to_path_buf(),
         };
         let g = hf_to_gguf(name).ok_or_else(missing)?;
-        if self.file.tensor(&g).is_none() {
+        let Some(info) = self.file.tensor(&g) else {
             return Err(missing());
-        }
-        let (shape, mut data) = self.file.read_tensor_f32(&g)?;
-        if shape != expected {
+        };
+        // The shape is checked before the data is read.
+        if info.shape() != expected {
             return Err(ModelError::ShapeMismatch {
                 name: g,
                 expected: expected.to_vec(),
-                found: shape,
+                found: info.shape(),
                 path: self.file.path().to_path_buf(),
             });
         }
+        let (shape, mut data) = self.file.read_tensor_f32(&g)?;
+        crate::weights::check_finite(&g, &data, self.file.path())?;
         if let Some((qh, kvh, hd)) = self.unpermute {
             let cols = if shape.len() == 2 { shape[1] } else { 1 };
             if g.ends_with("attn_q.weight") || g.ends_with("attn_q.bias") {
@@ -291,7 +293,14 @@ where
 /// # Errors
 /// A missing or malformed file, or tokenizer metadata this build cannot rebuild.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    let file = GgufFile::open(path)?;
+    tokenizer_from_gguf(&GgufFile::open(path)?)
+}
+
+/// Rebuilds the tokenizer (and chat template) from a parsed GGUF file's metadata.
+///
+/// # Errors
+/// Tokenizer metadata this build cannot rebuild.
+pub fn tokenizer_from_gguf(file: &GgufFile) -> Result<Tokenizer> {
     let strings = |key: &str| -> Vec<String> {
         file.get(key)
             .and_then(GgufValue::as_array)

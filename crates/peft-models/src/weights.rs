@@ -67,6 +67,26 @@ fn check_shape(name: &str, found: &[usize], expected: &[usize], path: &Path) -> 
     Ok(())
 }
 
+/// Refuses a weight with NaN or infinite values, naming it and the file.
+///
+/// # Errors
+/// [`ModelError::InvalidFile`].
+pub(crate) fn check_finite(name: &str, values: &[f32], path: &Path) -> Result<()> {
+    let count = values.iter().filter(|v| !v.is_finite()).count();
+    if count > 0 {
+        return Err(ModelError::InvalidFile {
+            path: path.to_path_buf(),
+            format: "weights",
+            message: format!(
+                "tensor `{name}` holds {count} NaN or infinite value(s) out of {}; the file is \
+                 corrupt",
+                values.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 struct Entry {
     file: usize,
     dtype: Dtype,
@@ -284,12 +304,16 @@ impl WeightSource for SafetensorsSource {
             });
         }
         let data = TensorData::from_bytes_vec(bytes, e.shape.clone(), dtype);
-        self.taken.insert(name.to_string());
-        Ok(if dtype == DType::F32 {
+        let data = if dtype == DType::F32 {
             data
         } else {
             data.convert::<f32>()
-        })
+        };
+        if let Ok(values) = data.as_slice::<f32>() {
+            check_finite(name, values, file_path)?;
+        }
+        self.taken.insert(name.to_string());
+        Ok(data)
     }
 
     fn untaken(&self) -> Vec<String> {

@@ -276,6 +276,34 @@ fn chat_template_errors_are_errors() {
 }
 
 #[test]
+fn a_template_with_overlapping_tag_marks_is_an_error_not_a_panic() {
+    // Found by the `gguf` fuzz target: in `{%}` the `%}` overlaps the `{%`, and the
+    // `{% generation %}` rewriting sliced the tag backwards and panicked.
+    for template in [
+        "{%}",
+        "a{%}b{% generation %}{{ messages[0].content }}{% endgeneration %}",
+        "{%-}",
+        "{%%}",
+    ] {
+        let mut files = serde_json::Map::new();
+        files.insert("chat_template.jinja".into(), Value::String(template.into()));
+        let dir = dir_with(&files);
+        let tok = Tokenizer::from_hf_dir(dir.path()).unwrap();
+        let err = tok
+            .apply_chat_template(&[ChatMessage::user("hi")], false)
+            .unwrap_err();
+        assert!(
+            matches!(err, ModelError::ChatTemplate(_)),
+            "{template}: {err}"
+        );
+        assert!(
+            err.to_string().contains("syntax error"),
+            "{template}: {err}"
+        );
+    }
+}
+
+#[test]
 fn tojson_writes_what_python_json_dumps_writes() {
     // Expected strings are Python's json.dumps output for the same values.
     let template = concat!(

@@ -330,6 +330,14 @@ impl PromptConfig {
         }
     }
 
+    fn common(&self) -> &peft_core::config::CommonFields {
+        match self {
+            Self::PromptTuning(c) => &c.common,
+            Self::PTuning(c) => &c.common,
+            Self::PrefixTuning(c) => &c.common,
+        }
+    }
+
     fn common_mut(&mut self) -> &mut peft_core::config::CommonFields {
         match self {
             Self::PromptTuning(c) => &mut c.common,
@@ -779,7 +787,8 @@ where
     let dims = model.prompt_dims();
     config.check(&dims)?;
     let n = config.num_virtual_tokens()?;
-    let mut file = TensorFile::read(dir.join(WEIGHTS_FILE))?;
+    let mut file = TensorFile::read(dir.join(WEIGHTS_FILE))?
+        .with_base_model(config.common().base_model_name_or_path.as_deref());
     if config.is_prefix() {
         let width = dims.num_layers * 2 * dims.kv_dim();
         let hint = format!(

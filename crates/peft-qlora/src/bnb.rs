@@ -120,32 +120,64 @@ impl BnbCheckpoint {
         };
         for shard in shards {
             let bytes = std::fs::read(&shard).map_err(|e| QloraError::io("read", &shard, e))?;
-            let (header, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-                .map_err(|e| QloraError::checkpoint(&shard, e.to_string()))?;
-            let base = 8 + header;
-            for (name, info) in meta.tensors() {
-                let (s, e) = info.data_offsets;
-                let (start, end) = (base + s, base + e);
-                if end > bytes.len() || start > end {
-                    return Err(QloraError::checkpoint(
-                        &shard,
-                        format!("tensor `{name}` extends past the end of the file (truncated?)"),
-                    ));
-                }
-                ckpt.entries.insert(
-                    name,
-                    Entry {
-                        file: ckpt.files.len(),
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        start,
-                        end,
-                    },
-                );
-            }
-            ckpt.files.push(bytes);
+            ckpt.add_file(&shard, bytes)?;
         }
         Ok(ckpt)
+    }
+
+    /// A checkpoint from the bytes of one safetensors file in memory (`path` names it in
+    /// errors).
+    ///
+    /// # Errors
+    /// [`QloraError::InvalidCheckpoint`] for malformed bytes.
+    pub fn from_bytes(bytes: Vec<u8>, path: PathBuf) -> Result<Self> {
+        let mut ckpt = Self {
+            path: path.clone(),
+            files: vec![],
+            entries: BTreeMap::new(),
+            taken: BTreeSet::new(),
+        };
+        ckpt.add_file(&path, bytes)?;
+        Ok(ckpt)
+    }
+
+    fn add_file(&mut self, shard: &Path, bytes: Vec<u8>) -> Result<()> {
+        let (header, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| QloraError::checkpoint(shard, e.to_string()))?;
+        let base = 8 + header;
+        for (name, info) in meta.tensors() {
+            let (s, e) = info.data_offsets;
+            let (Some(start), Some(end)) = (base.checked_add(s), base.checked_add(e)) else {
+                return Err(QloraError::checkpoint(
+                    shard,
+                    format!("tensor `{name}` has offsets that overflow"),
+                ));
+            };
+            if end > bytes.len() || start > end {
+                return Err(QloraError::checkpoint(
+                    shard,
+                    format!("tensor `{name}` extends past the end of the file (truncated?)"),
+                ));
+            }
+            if self.entries.contains_key(&name) {
+                return Err(QloraError::checkpoint(
+                    shard,
+                    format!("tensor `{name}` appears in more than one shard"),
+                ));
+            }
+            self.entries.insert(
+                name,
+                Entry {
+                    file: self.files.len(),
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start,
+                    end,
+                },
+            );
+        }
+        self.files.push(bytes);
+        Ok(())
     }
 
     fn bytes(&self, name: &str) -> Option<(&Entry, &[u8])> {
@@ -211,25 +243,29 @@ impl BnbCheckpoint {
             .with_blocksize(blocksize)
             .validate()
             .map_err(|e| bad(e.to_string()))?;
-        let shape: Vec<usize> = state
-            .get("shape")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_u64)
-                    .map(|v| v as usize)
-                    .collect()
-            })
-            .unwrap_or_default();
-        let [out, inp] = shape[..] else {
-            return Err(bad(format!("quant_state shape {shape:?} is not [out, in]")));
+        let shape = state.get("shape").cloned().unwrap_or(Value::Null);
+        let dims: Option<Vec<usize>> = shape.as_array().and_then(|a| {
+            a.iter()
+                .map(|v| v.as_u64().and_then(|v| usize::try_from(v).ok()))
+                .collect()
+        });
+        let Some([out, inp]) = dims
+            .as_deref()
+            .map(<[usize]>::to_vec)
+            .and_then(|d| <[usize; 2]>::try_from(d).ok())
+        else {
+            return Err(bad(format!("quant_state shape {shape} is not [out, in]")));
         };
         if let Some(t) = state.get("quant_type").and_then(Value::as_str)
             && QuantType::parse(t).ok() != Some(qt)
         {
             return Err(bad(format!("quant_state says {t} but its key says {qt}")));
         }
-        let numel = out * inp;
+        let numel = out.checked_mul(inp).ok_or_else(|| {
+            bad(format!(
+                "quant_state shape [{out}, {inp}]: the element count overflows"
+            ))
+        })?;
         let blocks = numel.div_ceil(blocksize);
         // The packed codes may be stored as another dtype (`bnb_4bit_quant_storage`): the
         // bytes are the same.

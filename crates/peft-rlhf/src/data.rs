@@ -33,6 +33,15 @@ pub struct Preference {
 /// `rejected` strings, or a file with no record.
 pub fn read_preferences(path: &Path) -> Result<Vec<Preference>> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("read", path, e))?;
+    parse_preferences(&text, path)
+}
+
+/// Parses preference JSONL text (see [`read_preferences`]); `path` names the source in
+/// errors.
+///
+/// # Errors
+/// As [`read_preferences`].
+pub fn parse_preferences(text: &str, path: &Path) -> Result<Vec<Preference>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

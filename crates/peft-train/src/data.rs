@@ -197,8 +197,10 @@ fn with_system(messages: &[ChatMessage], opts: &RenderOptions) -> Vec<ChatMessag
 /// those [`prompt_ids`] gives at evaluation time.
 ///
 /// # Errors
-/// A chat record on a tokenizer without a chat template, a template whose rendering of a
-/// longer conversation does not extend that of a shorter one, a tokenizer error.
+/// A chat record on a tokenizer without a chat template, a prompt and completion on a
+/// tokenizer with neither a chat template nor an end-of-sequence token, a template whose
+/// rendering of a longer conversation does not extend that of a shorter one, a tokenizer
+/// error.
 pub fn tokenize(tok: &Tokenizer, record: &Record, opts: &RenderOptions) -> Result<Tokenized> {
     let mut out = Tokenized::default();
     let eos = tok.eos_token_ids().first().copied();
@@ -210,6 +212,15 @@ pub fn tokenize(tok: &Tokenizer, record: &Record, opts: &RenderOptions) -> Resul
             }
         }
         Record::PromptCompletion { prompt, completion } if tok.chat_template().is_none() => {
+            if eos.is_none() {
+                return Err(TrainError::Config(
+                    "the tokenizer has neither a chat template nor an end-of-sequence token \
+                     (`eos_token` in tokenizer_config.json, `eos_token_id` in \
+                     generation_config.json or config.json), so where a completion ends \
+                     cannot be learned; add one of them to the model directory"
+                        .into(),
+                ));
+            }
             out.push(&tok.encode(prompt, true)?, !opts.completion_only);
             out.push(&tok.encode(completion, false)?, true);
             if let Some(e) = eos {

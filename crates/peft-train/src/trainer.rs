@@ -339,6 +339,7 @@ where
     };
     let mut last_checkpoint: Option<PathBuf> = None;
     if resume {
+        recover_best(out);
         match checkpoint::load_latest(out)? {
             Some(ck) => {
                 if ck.state.fingerprint != fingerprint {
@@ -479,7 +480,15 @@ where
             if state.best.is_none_or(|(b, _)| ev.loss < b) {
                 state.best = Some((ev.loss, state.step));
                 state.evals_since_best = 0;
-                save_best(out, trainable_tensors(&model))?;
+                if let Err(e) = save_best(out, trainable_tensors(&model)) {
+                    bar.abandon();
+                    return Err(checkpoint_failed(
+                        "best parameters",
+                        e,
+                        state.step,
+                        last_checkpoint.as_deref(),
+                    ));
+                }
             } else {
                 state.evals_since_best += 1;
                 if opts
@@ -502,13 +511,25 @@ where
                 .save_every
                 .is_some_and(|s| state.step.is_multiple_of(s));
         if save_now {
-            last_checkpoint = Some(checkpoint::save(
+            let saved = checkpoint::save(
                 out,
                 &state,
                 trainable_tensors(&model),
                 adam.state_tensors(),
                 opts.keep_checkpoints,
-            )?);
+            );
+            match saved {
+                Ok(dir) => last_checkpoint = Some(dir),
+                Err(e) => {
+                    bar.abandon();
+                    return Err(checkpoint_failed(
+                        "checkpoint",
+                        e,
+                        state.step,
+                        last_checkpoint.as_deref(),
+                    ));
+                }
+            }
         }
         if stopped_early {
             say(
@@ -556,34 +577,86 @@ where
     })
 }
 
-/// Writes the best parameters so far to `out/best` (atomically, as a checkpoint).
+/// The error of a checkpoint that could not be written (a full disk, a file size limit):
+/// what failed, and that the previous checkpoint is intact and the run can resume from it.
+fn checkpoint_failed(
+    what: &str,
+    e: TrainError,
+    step: usize,
+    previous: Option<&Path>,
+) -> TrainError {
+    let keep = match previous {
+        Some(p) => format!(
+            "the previous checkpoint `{}` is intact: free some disk space and continue with \
+             --resume",
+            p.display()
+        ),
+        None => "no earlier checkpoint exists; free some disk space and start again".into(),
+    };
+    TrainError::Config(format!(
+        "cannot write the {what} of step {step} ({e}); {keep}"
+    ))
+}
+
+/// Writes the best parameters so far to `out/best` (atomically, as a checkpoint): a
+/// temporary directory is filled and removed again on failure, the previous best is moved
+/// aside, the new one renamed into place. A crash between the two renames leaves the
+/// previous best under `.old-best-*`, which [`recover_best`] puts back.
 fn save_best(out: &Path, trainable: Vec<(String, burn::tensor::TensorData)>) -> Result<()> {
     let dir = out.join(BEST_DIR);
     let tmp = out.join(format!(".tmp-best-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io("create", &tmp, e))?;
-    peft_core::format::TensorFile::write(tmp.join("trainable.safetensors"), trainable)?;
-    peft_core::format::TensorFile::write(tmp.join("optimizer.safetensors"), Vec::new())?;
-    let state = TrainState {
-        step: 0,
-        consumed: 0,
-        best: None,
-        evals_since_best: 0,
-        tokens: 0,
-        elapsed_s: 0.0,
-        fingerprint: String::new(),
-    };
-    let json = serde_json::to_vec(&state).unwrap_or_default();
-    peft_core::format::write_atomic(&tmp.join("state.json"), &json)?;
-    // Move the previous best aside before renaming, so a crash in between leaves one of
-    // them in place.
+    let written = (|| -> Result<()> {
+        std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io("create", &tmp, e))?;
+        peft_core::format::TensorFile::write(tmp.join("trainable.safetensors"), trainable)?;
+        peft_core::format::TensorFile::write(tmp.join("optimizer.safetensors"), Vec::new())?;
+        let state = TrainState {
+            step: 0,
+            consumed: 0,
+            best: None,
+            evals_since_best: 0,
+            tokens: 0,
+            elapsed_s: 0.0,
+            fingerprint: String::new(),
+        };
+        let json = serde_json::to_vec(&state).unwrap_or_default();
+        peft_core::format::write_atomic(&tmp.join("state.json"), &json)?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     let old = out.join(format!(".old-best-{}", std::process::id()));
     if dir.exists() {
         std::fs::rename(&dir, &old).map_err(|e| TrainError::io("rename", &dir, e))?;
     }
-    std::fs::rename(&tmp, &dir).map_err(|e| TrainError::io("rename into place", &dir, e))?;
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::rename(&old, &dir);
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(TrainError::io("rename into place", &dir, e));
+    }
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+/// Cleans up after a run killed while saving the best parameters: a previous best moved
+/// aside (`.old-best-*`) goes back when `best` is missing, and temporary directories go.
+fn recover_best(out: &Path) {
+    let dir = out.join(BEST_DIR);
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".old-best-") && !dir.exists() {
+            if std::fs::rename(e.path(), &dir).is_ok() {
+                tracing::info!("restored the best parameters from {}", e.path().display());
+            }
+        } else if name.starts_with(".old-best-") || name.starts_with(".tmp-best-") {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn progress_bar(show: bool, total: usize, pos: usize) -> indicatif::ProgressBar {
