@@ -219,6 +219,16 @@ where
         }
     }
 
+    /// The step as a boxed closure, with the number of trainable parameters.
+    fn boxed(mut self) -> (StepFn, usize)
+    where
+        B: 'static,
+        M: 'static,
+    {
+        let n = self.trainable;
+        (Box::new(move || self.step()), n)
+    }
+
     /// One step: forward, backward, clipping, AdamW. Returns the mean token loss (reading
     /// it waits for the forward pass on asynchronous backends).
     pub fn step(&mut self) -> f32 {
@@ -282,9 +292,7 @@ pub fn stepper<B: AutodiffBackend>(
             peft_lora::add_adapter(&mut m, "default", &lora_fields(shape), device)
                 .map_err(|x| e(&x))?;
             let m = freeze(m, &AdapterOnly);
-            let mut s = Stepper::<B, _>::new(m, shape, vocab, device);
-            let n = s.trainable;
-            Ok((Box::new(move || s.step()), n))
+            Ok(Stepper::<B, _>::new(m, shape, vocab, device).boxed())
         }
         Method::Qlora => {
             let quant = peft_qlora::QuantConfig::new();
@@ -296,17 +304,13 @@ pub fn stepper<B: AutodiffBackend>(
             peft_lora::add_adapter(&mut m, "default", &lora_fields(shape), device)
                 .map_err(|x| e(&x))?;
             let m = freeze(m, &AdapterOnly);
-            let mut s = Stepper::<B, _>::new(m, shape, vocab, device);
-            let n = s.trainable;
-            Ok((Box::new(move || s.step()), n))
+            Ok(Stepper::<B, _>::new(m, shape, vocab, device).boxed())
         }
         Method::Full => {
             let m: peft_models::llama::Llama<B> =
                 peft_models::llama::Llama::load(&config, &mut weights, device)
                     .map_err(|x| e(&x))?;
-            let mut s = Stepper::<B, _>::new(m, shape, vocab, device);
-            let n = s.trainable;
-            Ok((Box::new(move || s.step()), n))
+            Ok(Stepper::<B, _>::new(m, shape, vocab, device).boxed())
         }
     }
 }

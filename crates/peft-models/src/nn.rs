@@ -87,33 +87,10 @@ impl<B: Backend> LayerNorm<B> {
     }
 }
 
-/// Cosine and sine tables `[positions, head_dim]` for rotary embeddings at the given
-/// absolute positions (transformers' layout: the two halves of the head share frequencies).
-pub fn rope_tables<B: Backend>(
-    inv_freq: &[f64],
-    positions: std::ops::Range<usize>,
-    device: &B::Device,
-) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let half = inv_freq.len();
-    let n = positions.len();
-    let mut cos = Vec::with_capacity(n * half * 2);
-    let mut sin = Vec::with_capacity(n * half * 2);
-    for p in positions {
-        // transformers computes the angles in f32; so do we, then take cos/sin accurately.
-        let angles: Vec<f32> = inv_freq.iter().map(|f| (*f as f32) * (p as f32)).collect();
-        for _ in 0..2 {
-            cos.extend(angles.iter().map(|a| f64::from(*a).cos() as f32));
-            sin.extend(angles.iter().map(|a| f64::from(*a).sin() as f32));
-        }
-    }
-    (
-        Tensor::from_data(TensorData::new(cos, [n, half * 2]), device),
-        Tensor::from_data(TensorData::new(sin, [n, half * 2]), device),
-    )
-}
-
-/// [`rope_tables`] repeated for each of `heads` heads: `[seq, heads, head_dim]`, the layout
-/// of activations `[batch, seq, heads, head_dim]` straight out of a projection, so that
+/// Cosine and sine tables for rotary embeddings at the given absolute positions
+/// (transformers' layout: the two halves of the head share frequencies), repeated for each
+/// of `heads` heads: `[seq, heads, head_dim]`, the layout of activations
+/// `[batch, seq, heads, head_dim]` straight out of a projection, so that
 /// [`apply_rope_bshd`] broadcasts the tables over the batch only (a contiguous row per
 /// example, which CPU backends vectorise) rather than over heads and batch.
 pub fn rope_tables_for_heads<B: Backend>(
@@ -158,20 +135,6 @@ pub fn apply_rope_bshd<B: Backend>(
     // backend runs as a vectorised loop (a 4-D broadcast walks element by element).
     let (cos, sin) = (cos.clone().reshape([1, n]), sin.clone().reshape([1, n]));
     (x.reshape([b, n]) * cos + rotated * sin).reshape([b, s, h, d])
-}
-
-/// Applies rotary embeddings to `x: [batch, heads, seq, head_dim]`:
-/// `x * cos + rotate_half(x) * sin`, `rotate_half([a, b]) = [-b, a]`.
-pub fn apply_rope<B: Backend>(
-    x: Tensor<B, 4>,
-    cos: &Tensor<B, 2>,
-    sin: &Tensor<B, 2>,
-) -> Tensor<B, 4> {
-    let [b, h, s, d] = x.dims();
-    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..d / 2]);
-    let x2 = x.clone().slice([0..b, 0..h, 0..s, d / 2..d]);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone().unsqueeze::<4>() + rotated * sin.clone().unsqueeze::<4>()
 }
 
 /// Which key positions each query may attend to, `[batch, 1, queries, keys]` (true =
