@@ -276,7 +276,7 @@ pub type StepFn = Box<dyn FnMut() -> f32>;
 ///
 /// # Errors
 /// A model or adapter that cannot be built (a bug: the config is fixed).
-pub fn stepper<B: AutodiffBackend>(
+pub fn stepper<B: AutodiffBackend + peft_qlora::QuantBackend>(
     method: Method,
     shape: &StepShape,
     device: &B::Device,

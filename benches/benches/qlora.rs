@@ -34,7 +34,7 @@ fn layers<B: Backend>(
     )
 }
 
-fn products<B: Backend>(c: &mut Criterion, backend: &str) {
+fn products<B: peft_qlora::QuantBackend>(c: &mut Criterion, backend: &str) {
     let device = B::Device::default();
     for (out, inp) in SHAPES {
         let (dense, q) = layers::<B>(out, inp, &device);
@@ -54,7 +54,7 @@ fn products<B: Backend>(c: &mut Criterion, backend: &str) {
     }
 }
 
-fn codec<B: Backend>(c: &mut Criterion, backend: &str) {
+fn codec<B: peft_qlora::QuantBackend>(c: &mut Criterion, backend: &str) {
     let device = B::Device::default();
     let (out, inp) = (2048, 2048);
     let (dense, q) = layers::<B>(out, inp, &device);

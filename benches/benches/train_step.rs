@@ -9,7 +9,7 @@ use burn::tensor::backend::AutodiffBackend;
 use criterion::{Criterion, criterion_group, criterion_main};
 use peft_benches::train_step::{Method, StepShape, stepper};
 
-fn group<B: AutodiffBackend>(c: &mut Criterion, backend: &str) {
+fn group<B: AutodiffBackend + peft_qlora::QuantBackend>(c: &mut Criterion, backend: &str) {
     let device = B::Device::default();
     let shape = StepShape::default();
     let mut g = c.benchmark_group(format!("train_step_{backend}_b4x128"));

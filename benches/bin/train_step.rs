@@ -75,7 +75,58 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-fn measure<B: AutodiffBackend>(a: &Args) -> Result<serde_json::Value, String> {
+/// The system allocator, counting the bytes live on the heap and their peak, so the report
+/// can tell what the step needs from what the allocator keeps (`peak_rss_bytes`).
+struct Counting;
+
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count(grow: usize, shrink: usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let live = if grow >= shrink {
+        LIVE.fetch_add(grow - shrink, Relaxed) + (grow - shrink)
+    } else {
+        LIVE.fetch_sub(shrink - grow, Relaxed) - (shrink - grow)
+    };
+    PEAK.fetch_max(live, Relaxed);
+}
+
+#[allow(unsafe_code)] // a GlobalAlloc is an unsafe trait; every call forwards to System
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+
+    // SAFETY: forwards every call to the system allocator unchanged.
+    unsafe impl GlobalAlloc for super::Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            super::count(layout.size(), 0);
+            // SAFETY: the caller's contract, passed on.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            super::count(layout.size(), 0);
+            // SAFETY: the caller's contract, passed on.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            super::count(0, layout.size());
+            // SAFETY: the caller's contract, passed on.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            super::count(new_size, layout.size());
+            // SAFETY: the caller's contract, passed on.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: super::Counting = super::Counting;
+}
+
+fn measure<B: AutodiffBackend + peft_qlora::QuantBackend>(
+    a: &Args,
+) -> Result<serde_json::Value, String> {
     let device = B::Device::default();
     let t = Instant::now();
     let (mut step, trainable) = stepper::<B>(a.method, &a.shape, &device)?;
@@ -108,6 +159,7 @@ fn measure<B: AutodiffBackend>(a: &Args) -> Result<serde_json::Value, String> {
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
         "peak_rss_bytes": peak_rss_bytes(),
+        "peak_heap_bytes": PEAK.load(std::sync::atomic::Ordering::Relaxed),
         "loss": loss,
     }))
 }

@@ -297,7 +297,11 @@ pub(crate) fn lora_fields(r: &Resolved) -> LoraFields {
     }
 }
 
-fn train_on<B: AutodiffBackend>(r: &Resolved, resume: bool, device: &B::Device) -> Result<()> {
+fn train_on<B>(r: &Resolved, resume: bool, device: &B::Device) -> Result<()>
+where
+    B: AutodiffBackend + peft_qlora::QuantBackend,
+    B::InnerBackend: peft_qlora::QuantBackend,
+{
     let started = std::time::Instant::now();
     let tok = load_tokenizer(&r.model)?;
     let prep = prepare_run(r, &tok)?;

@@ -14,6 +14,9 @@
 //!   [`quant::DoubleQuant`], [`quant::QuantizedWeight`]).
 //! - [`Linear4bit`]: the frozen 4-bit layer, a [`peft_core::inject::LinearWeight`] that keeps
 //!   only the codes and statistics on the device (about 0.517 bytes per weight).
+//! - [`backend`]: [`QuantBackend`], the backend extension behind the 4-bit products: portable
+//!   burn ops everywhere, host kernels on `Flex` (the CPU), and an autodiff node that keeps
+//!   the codes rather than the f32 weight for the backward pass.
 //! - [`bnb`]: the bitsandbytes checkpoint layout, read and written.
 //! - [`model`]: [`QloraLlama`], loading ([`load_qlora_llama`]), quantizing a loaded model
 //!   ([`quantize_llama`]), saving ([`save_bnb_llama`]), merging ([`merge_requantize`],
@@ -37,13 +40,17 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod backend;
 pub mod bnb;
 pub mod codes;
+#[cfg(feature = "flex")]
+mod cpu;
 pub mod error;
 pub mod linear;
 pub mod model;
 pub mod quant;
 
+pub use backend::{Q4Stats, Q4Weight, QuantBackend};
 pub use bnb::{BnbCheckpoint, is_bnb_checkpoint};
 pub use error::{QloraError, Result};
 pub use linear::{Linear4bit, current_quant_config, with_quant_config};

@@ -15,20 +15,22 @@
 //! they keep the codes at 4 bits per value: 0.5 bytes per parameter, plus 1/64 byte for the
 //! double-quantized absmax at block size 64.
 //!
-//! The forward pass is made of burn tensor ops, so it runs on every backend: unpack the
-//! codes with shifts and masks, look the values up (`select`), scale each block by its
-//! absmax, then `x W^T + b`. With autodiff the dequantized weight is a constant built from
-//! untracked tensors, so the backward pass gives the input gradient `dL/dx = dL/dy W`
-//! (what LoRA above needs) and nothing for the base.
+//! The products go through [`QuantBackend`] (see [`crate::backend`]): a portable path of burn
+//! tensor ops on every backend (unpack the codes with shifts and masks, look the values up,
+//! scale each block by its absmax, then `x W^T + b`), host kernels on the CPU backend `Flex`.
+//! Under autodiff the product is one node whose backward pass gives the input gradient
+//! `dL/dx = dL/dy W` (what LoRA above needs), dequantizing again instead of keeping the f32
+//! weight, and nothing for the base.
 
 use std::cell::{Cell, RefCell};
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use burn::tensor::{DType, ElementConversion, TensorCreationOptions, TensorData};
+use burn::tensor::{DType, TensorCreationOptions, TensorData, TensorPrimitive};
 use peft_core::PeftError;
 use peft_core::inject::LinearWeight;
 
+use crate::backend::{Q4Stats, Q4Weight, QuantBackend};
 use crate::codes::dynamic_map;
 use crate::error::{QloraError, Result};
 use crate::quant::{DoubleQuant, NESTED_BLOCKSIZE, Packed4bit, QuantConfig, QuantizedWeight};
@@ -141,22 +143,6 @@ fn unpack_words_host(words: &[i32], bits: usize) -> Vec<u8> {
             (0..per).map(move |j| ((w >> (bits * j)) & mask) as u8)
         })
         .collect()
-}
-
-/// Unpacks I32 words on the device: `32 / bits` values per word, in order.
-fn unpack_words<B: Backend>(words: Tensor<B, 1, Int>, bits: usize) -> Tensor<B, 1, Int> {
-    let per = 32 / bits;
-    let mask = (1i64 << bits) - 1;
-    let n = words.dims()[0];
-    let parts: Vec<Tensor<B, 1, Int>> = (0..per)
-        .map(|j| {
-            words
-                .clone()
-                .bitwise_right_shift_scalar(((bits * j) as i64).elem())
-                .bitwise_and_scalar(mask.elem())
-        })
-        .collect();
-    Tensor::stack::<2>(parts, 1).reshape([n * per])
 }
 
 fn floats<B: Backend>(v: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
@@ -318,31 +304,42 @@ impl<B: Backend> Linear4bit<B> {
 
     /// The per-block absmax as the dequantization uses it, on the device.
     pub fn block_absmax(&self) -> Tensor<B, 1> {
-        let blocks = self.blocks();
-        if let Some(a) = &self.absmax {
-            return a.clone();
-        }
-        let (Some(qa), Some(na), Some(map)) =
-            (&self.qabsmax, &self.nested_absmax, &self.nested_map)
-        else {
+        self.stats().resolve(self.blocks())
+    }
+
+    fn stats(&self) -> Q4Stats<B> {
+        let float = |t: &Tensor<B, 1>| t.clone().into_primitive().tensor();
+        match (
+            &self.absmax,
+            &self.qabsmax,
+            &self.nested_absmax,
+            &self.nested_map,
+        ) {
+            (Some(a), ..) => Q4Stats::Absmax(float(a)),
+            (None, Some(qa), Some(na), Some(map)) => Q4Stats::Double {
+                codes: qa.clone().into_primitive(),
+                nested_absmax: float(na),
+                map: float(map),
+                offset: self.meta.offset,
+            },
             // Unreachable by construction: one of the two forms is always present.
-            return Tensor::zeros([blocks], &self.words.device());
-        };
-        let codes = unpack_words(qa.clone(), 8);
-        let padded = codes.dims()[0];
-        let groups = padded / NESTED_BLOCKSIZE;
-        let v = map
-            .clone()
-            .select(0, codes)
-            .reshape([groups, NESTED_BLOCKSIZE])
-            * na.clone().reshape([groups, 1]);
-        v.reshape([padded])
-            .slice(0..blocks)
-            .add_scalar(self.meta.offset)
+            _ => Q4Stats::Absmax(float(&Tensor::zeros([self.blocks()], &self.words.device()))),
+        }
     }
 
     fn blocks(&self) -> usize {
         (self.meta.shape[0] * self.meta.shape[1]).div_ceil(self.meta.config.blocksize)
+    }
+
+    /// The codes, table and per-block absmax as [`QuantBackend`] takes them.
+    pub fn q4_weight(&self) -> Q4Weight<B> {
+        Q4Weight {
+            words: self.words.clone().into_primitive(),
+            table: self.table.clone().into_primitive().tensor(),
+            stats: self.stats(),
+            shape: self.meta.shape,
+            blocksize: self.meta.config.blocksize,
+        }
     }
 
     /// Bytes the quantized weight occupies on the device (codes, statistics and tables;
@@ -367,7 +364,7 @@ impl<B: Backend> Linear4bit<B> {
     }
 }
 
-impl<B: Backend> LinearWeight<B> for Linear4bit<B> {
+impl<B: QuantBackend> LinearWeight<B> for Linear4bit<B> {
     /// Quantizes with [`current_quant_config`] (NF4, block 64, double quantization unless
     /// [`with_quant_config`] says otherwise), or takes the weight a bitsandbytes checkpoint
     /// loader staged for this layer. An unsupported configured block size cannot occur:
@@ -401,9 +398,12 @@ impl<B: Backend> LinearWeight<B> for Linear4bit<B> {
         self.meta.shape[0]
     }
 
+    /// `x W^T + b` through [`QuantBackend::q4_linear`]: on `Flex` a host kernel that reads
+    /// the codes directly; under autodiff one node that keeps the codes, not the f32 weight,
+    /// for the backward pass.
     fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let w = self.weight().transpose();
-        let y = x.matmul(w.unsqueeze::<D>());
+        let y = B::q4_linear(x.into_primitive().tensor(), &self.q4_weight());
+        let y = Tensor::from_primitive(TensorPrimitive::Float(y));
         match &self.bias {
             Some(b) => y + b.val().unsqueeze::<D>(),
             None => y,
@@ -411,16 +411,7 @@ impl<B: Backend> LinearWeight<B> for Linear4bit<B> {
     }
 
     fn weight(&self) -> Tensor<B, 2> {
-        let [out, inp] = self.meta.shape;
-        let bs = self.meta.config.blocksize;
-        let blocks = self.blocks();
-        let codes = unpack_words(self.words.clone(), 4).slice(0..blocks * bs);
-        let values = self.table.clone().select(0, codes).reshape([blocks, bs])
-            * self.block_absmax().reshape([blocks, 1]);
-        values
-            .reshape([blocks * bs])
-            .slice(0..out * inp)
-            .reshape([out, inp])
+        Tensor::from_primitive(TensorPrimitive::Float(B::q4_dequantize(&self.q4_weight())))
     }
 
     fn bias(&self) -> Option<Tensor<B, 1>> {

@@ -15,6 +15,7 @@ use peft_models::llama::{
     LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMlp, LlamaModel, LlamaWith,
 };
 
+use crate::backend::QuantBackend;
 use crate::bnb::{
     BnbCheckpoint, RawTensor, bnb_tensors, is_bnb_checkpoint, quantization_config_json, raw_f32,
     write_safetensors,
@@ -105,7 +106,7 @@ pub fn quantize_llama<B, W, A, Sub, Emb, Kv>(
     config: &QuantConfig,
 ) -> Result<LlamaWith<B, Linear4bit<B>, A, Sub, Emb, Kv>>
 where
-    B: Backend,
+    B: QuantBackend,
     W: LinearWeight<B>,
 {
     config.validate()?;
@@ -120,7 +121,7 @@ pub fn dequantize_llama<B, A, Sub, Emb, Kv>(
     model: LlamaWith<B, Linear4bit<B>, A, Sub, Emb, Kv>,
 ) -> LlamaWith<B, burn::nn::Linear<B>, A, Sub, Emb, Kv>
 where
-    B: Backend,
+    B: QuantBackend,
 {
     let dense = map_llama_weights(model, |_, w: Linear4bit<B>| {
         Ok(<burn::nn::Linear<B> as LinearWeight<B>>::from_dense(
@@ -148,7 +149,7 @@ pub fn load_quantized_llama<B, A, Sub, Emb, Kv>(
     device: &B::Device,
 ) -> Result<LlamaWith<B, Linear4bit<B>, A, Sub, Emb, Kv>>
 where
-    B: Backend,
+    B: QuantBackend,
     A: Default,
     Sub: Default,
     Emb: Default,
@@ -167,7 +168,7 @@ where
 ///
 /// # Errors
 /// As [`load_quantized_llama`].
-pub fn load_qlora_llama<B: Backend>(
+pub fn load_qlora_llama<B: QuantBackend>(
     path: &Path,
     config: &QuantConfig,
     device: &B::Device,
@@ -186,7 +187,7 @@ pub fn load_bnb_llama<B, A, Sub, Emb, Kv>(
     device: &B::Device,
 ) -> Result<LlamaWith<B, Linear4bit<B>, A, Sub, Emb, Kv>>
 where
-    B: Backend,
+    B: QuantBackend,
     A: Default,
     Sub: Default,
     Emb: Default,
@@ -215,7 +216,7 @@ pub fn save_bnb_llama<B, A, Sub, Emb, Kv>(
     dir: &Path,
 ) -> Result<()>
 where
-    B: Backend,
+    B: QuantBackend,
 {
     fn vec1<B: Backend>(p: &Param<Tensor<B, 1>>) -> Vec<f32> {
         p.val()
@@ -340,7 +341,7 @@ pub fn merge_requantize<B, A, M>(
     safe: bool,
 ) -> Result<MergeReport>
 where
-    B: Backend,
+    B: QuantBackend,
     A: LinearAdapterControl<B>,
     M: AdaptableModel<B, Weight = Linear4bit<B>, Linear = A>,
 {
@@ -390,7 +391,7 @@ pub fn merge_to_dense<B, A, Sub, Emb, Kv>(
     safe: bool,
 ) -> Result<LlamaWith<B, burn::nn::Linear<B>, A, Sub, Emb, Kv>>
 where
-    B: Backend,
+    B: QuantBackend,
     A: LinearAdapterControl<B>,
 {
     map_llama_weights_mut(dequantize_llama(model), |l| {
@@ -445,7 +446,7 @@ impl BaseMemory {
 /// norms and the output head are not counted: they are not quantized).
 pub fn base_memory<B, M>(model: &M) -> BaseMemory
 where
-    B: Backend,
+    B: QuantBackend,
     M: AdaptableModel<B, Weight = Linear4bit<B>>,
 {
     let mut m = BaseMemory::default();

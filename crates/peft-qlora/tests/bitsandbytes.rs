@@ -6,15 +6,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::backend::NdArray;
+use burn::backend::{Flex, NdArray};
 use burn::prelude::*;
 use peft_core::inject::LinearWeight;
 use peft_models::{CausalLm, ForwardInput};
 use peft_qlora::codes::{FP4, NF4, dynamic_map};
 use peft_qlora::quant::{QuantizedWeight, dequantize_4bit, quantize_4bit};
 use peft_qlora::{
-    Linear4bit, QloraLlama, QuantConfig, QuantType, base_memory, load_bnb_llama, load_qlora_llama,
-    save_bnb_llama,
+    Linear4bit, QloraLlama, QuantBackend, QuantConfig, QuantType, base_memory, load_bnb_llama,
+    load_qlora_llama, save_bnb_llama,
 };
 use safetensors::tensor::Dtype;
 
@@ -173,22 +173,32 @@ fn double_quantization_matches_bitsandbytes() {
             "{}: host dequantization off by {max_err}",
             c.name
         );
-        // The device path (unpack, lookup, nested scale) gives the same values.
+        // The device paths (unpack, lookup, nested scale) give the same values: burn tensor
+        // ops on ndarray, the host kernel on flex.
+        for (backend, dev) in [
+            ("ndarray", device_weight::<NdArray>(&q)),
+            ("flex", device_weight::<Flex>(&q)),
+        ] {
+            let max_dev = dev
+                .iter()
+                .zip(&deq_ref)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                max_dev <= 1e-6 * wmax,
+                "{}: {backend} dequantization off by {max_dev}",
+                c.name
+            );
+        }
         let layer = Linear4bit::<B>::from_quantized(&q, None, &device);
-        let dev: Vec<f32> = layer.weight().into_data().to_vec().unwrap();
-        let max_dev = dev
-            .iter()
-            .zip(&deq_ref)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
-        assert!(
-            max_dev <= 1e-6 * wmax,
-            "{}: device dequantization off by {max_dev}",
-            c.name
-        );
         // And the device copy reads back to the same bitsandbytes bytes.
         assert_eq!(layer.to_quantized(), q, "{}", c.name);
     }
+}
+
+fn device_weight<Bk: QuantBackend>(q: &QuantizedWeight) -> Vec<f32> {
+    let layer = Linear4bit::<Bk>::from_quantized(q, None, &Default::default());
+    layer.weight().into_data().to_vec().unwrap()
 }
 
 fn logits_fixture(dir: &str) -> (Vec<i64>, Vec<f32>, Vec<f32>, [usize; 2]) {
@@ -227,9 +237,34 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 /// quantization error itself moves the logits by ~1 (see `dense_logits`).
 #[test]
 fn bitsandbytes_checkpoint_gives_transformers_logits() {
+    checkpoint_logits::<NdArray>();
+}
+
+/// The same on flex, whose 4-bit products are host kernels: the whole sequence goes through
+/// the dequantize-then-matmul path, prefixes of one and three tokens through the fused
+/// product (causal attention makes a prefix's logits the first rows of the full ones).
+#[test]
+fn flex_kernels_give_transformers_logits() {
+    checkpoint_logits::<Flex>();
     let device = Default::default();
     for dir in ["llama_gqa_nf4", "llama_gqa_fp4"] {
-        let model: QloraLlama<B> = load_bnb_llama(&fixture(dir), &device).unwrap();
+        let model: QloraLlama<Flex> = load_bnb_llama(&fixture(dir), &device).unwrap();
+        let (ids, want, _, [_, vocab]) = logits_fixture(dir);
+        for n in [1, 3] {
+            let got = logits(&model, &ids[..n], &device);
+            let d = max_diff(&got, &want[..n * vocab]);
+            assert!(
+                d < 1e-4,
+                "{dir}: {n}-token logits differ from transformers by {d}"
+            );
+        }
+    }
+}
+
+fn checkpoint_logits<Bk: QuantBackend>() {
+    let device = Default::default();
+    for dir in ["llama_gqa_nf4", "llama_gqa_fp4"] {
+        let model: QloraLlama<Bk> = load_bnb_llama(&fixture(dir), &device).unwrap();
         let (ids, want, dense, _) = logits_fixture(dir);
         let got = logits(&model, &ids, &device);
         let d = max_diff(&got, &want);

@@ -1,0 +1,587 @@
+//! Host kernels for the 4-bit products on the CPU backend `Flex`.
+//!
+//! `Flex` keeps tensors in host memory, so the kernels read the packed codes where they lie:
+//!
+//! - up to [`FUSED_ROWS`] rows (decoding one token, or a few): a fused product that decodes
+//!   16 codes at a time into registers and multiplies them into the rows straight away. It
+//!   reads 0.5 bytes per weight where the f32 product reads 4, and writes no f32 weight.
+//! - more rows (prefill, training): the weight is decoded a tile of rows at a time (about
+//!   [`TILE_BYTES`]) into a scratch buffer that each thread keeps, and the `gemm` crate (Flex's
+//!   own matmul kernels) multiplies by the tile. The decode is linear in the weight's size,
+//!   the product `rows` times that; no f32 weight is ever allocated, so training allocates
+//!   and frees nothing per layer beyond the output.
+//!
+//! With AVX-512 (checked at run time) a code is decoded by `vpermps`: the 16 code values sit
+//! in one register and each 4-bit code is a lane index. Elsewhere a scalar loop does the same.
+
+use burn::backend::Flex;
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Shape, TensorData, TensorMetadata};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use crate::backend::{
+    Q4Stats, Q4Weight, QuantBackend, portable_dequantize, portable_linear,
+    portable_linear_transposed,
+};
+
+/// Rows up to which [`QuantBackend::q4_linear`] runs the fused product.
+pub const FUSED_ROWS: usize = 4;
+
+/// Outputs per parallel task of the fused product.
+const OUTPUTS_PER_TASK: usize = 32;
+
+/// Size of the decoded tile of the weight in the tiled product.
+pub const TILE_BYTES: usize = 2 << 20;
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Products below this many multiply-adds run on one thread (as Flex's matmul decides).
+const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
+
+/// The tensors of a [`Q4Weight`] of `Flex`, contiguous (clones of the same storage when
+/// they already are).
+struct Parts {
+    words: FlexTensor,
+    table: [f32; 16],
+    stats: PartsStats,
+}
+
+enum PartsStats {
+    Absmax(FlexTensor),
+    Double {
+        codes: FlexTensor,
+        nested: FlexTensor,
+        map: Box<[f32; 256]>,
+        offset: f32,
+    },
+}
+
+/// The per-block absmax, read on the host.
+enum HostAbsmax<'a> {
+    Plain(&'a [f32]),
+    Double {
+        codes: &'a [i32],
+        nested: &'a [f32],
+        map: &'a [f32; 256],
+        offset: f32,
+    },
+}
+
+impl HostAbsmax<'_> {
+    /// Block `b`'s absmax, with the same operations in the same order as the portable path.
+    #[inline]
+    fn get(&self, b: usize) -> f32 {
+        match self {
+            Self::Plain(a) => a[b],
+            Self::Double {
+                codes,
+                nested,
+                map,
+                offset,
+            } => {
+                let code = (codes[b / 4].cast_unsigned() >> (8 * (b % 4))) & 255;
+                map[code as usize] * nested[b / crate::quant::NESTED_BLOCKSIZE] + offset
+            }
+        }
+    }
+}
+
+/// A [`Q4Weight`] of `Flex`, viewed on the host.
+struct HostWeight<'a> {
+    words: &'a [i32],
+    table: [f32; 16],
+    absmax: HostAbsmax<'a>,
+    out: usize,
+    inp: usize,
+    bs: usize,
+}
+
+fn contiguous(t: &FlexTensor) -> FlexTensor {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    }
+}
+
+fn host_array<const N: usize>(t: &FlexTensor) -> Option<[f32; N]> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    contiguous(t).storage::<f32>().get(..N)?.try_into().ok()
+}
+
+impl Parts {
+    /// `None` where the kernels do not apply (other dtypes, a block size that is not a
+    /// multiple of 16, tables of other sizes).
+    fn new(w: &Q4Weight<Flex>) -> Option<Self> {
+        let int = |t: &FlexTensor| (t.dtype() == DType::I32).then(|| contiguous(t));
+        let float = |t: &FlexTensor| (t.dtype() == DType::F32).then(|| contiguous(t));
+        if w.blocksize % 16 != 0 {
+            return None;
+        }
+        let stats = match &w.stats {
+            Q4Stats::Absmax(a) => PartsStats::Absmax(float(a)?),
+            Q4Stats::Double {
+                codes,
+                nested_absmax,
+                map,
+                offset,
+            } => PartsStats::Double {
+                codes: int(codes)?,
+                nested: float(nested_absmax)?,
+                map: Box::new(host_array::<256>(map)?),
+                offset: *offset,
+            },
+        };
+        Some(Self {
+            words: int(&w.words)?,
+            table: host_array::<16>(&w.table)?,
+            stats,
+        })
+    }
+
+    fn view(&self, w: &Q4Weight<Flex>) -> Option<HostWeight<'_>> {
+        let blocks = (w.shape[0] * w.shape[1]).div_ceil(w.blocksize);
+        let words = self
+            .words
+            .storage::<i32>()
+            .get(..blocks * w.blocksize / 8)?;
+        let absmax = match &self.stats {
+            PartsStats::Absmax(a) => HostAbsmax::Plain(a.storage::<f32>().get(..blocks)?),
+            PartsStats::Double {
+                codes,
+                nested,
+                map,
+                offset,
+            } => HostAbsmax::Double {
+                codes: codes.storage::<i32>().get(..blocks.div_ceil(4))?,
+                nested: nested
+                    .storage::<f32>()
+                    .get(..blocks.div_ceil(crate::quant::NESTED_BLOCKSIZE))?,
+                map,
+                offset: *offset,
+            },
+        };
+        Some(HostWeight {
+            words,
+            table: self.table,
+            absmax,
+            out: w.shape[0],
+            inp: w.shape[1],
+            bs: w.blocksize,
+        })
+    }
+}
+
+impl HostWeight<'_> {
+    /// The f32 weight, row-major `[out, in]`.
+    fn dequantize(&self) -> Vec<f32> {
+        let mut dst = vec![0.0f32; self.out * self.inp];
+        self.decode_rows(0, &mut dst);
+        dst
+    }
+
+    /// Decodes rows `first..` of the weight into `dst` (whole rows; `first * in` a multiple of
+    /// the block size).
+    fn decode_rows(&self, first: usize, dst: &mut [f32]) {
+        let start = first * self.inp;
+        debug_assert_eq!(start % self.bs, 0);
+        let chunk = (16_384 / self.bs).max(1) * self.bs;
+        dst.par_chunks_mut(chunk).enumerate().for_each(|(c, d)| {
+            let first_block = (start + c * chunk) / self.bs;
+            for (k, block) in d.chunks_mut(self.bs).enumerate() {
+                let b = first_block + k;
+                let lut = self.table.map(|v| v * self.absmax.get(b));
+                let words = &self.words[b * self.bs / 8..(b + 1) * self.bs / 8];
+                decode(&lut, words, block);
+            }
+        });
+    }
+
+    /// Rows of the weight per tile: about [`TILE_BYTES`], and a whole number of blocks (or
+    /// the whole weight, in one tile).
+    fn tile_rows(&self) -> usize {
+        let step = self.bs / gcd(self.inp, self.bs);
+        let target = (TILE_BYTES / 4 / self.inp).max(1);
+        target.div_ceil(step).saturating_mul(step).min(self.out)
+    }
+
+    /// Runs `f(first_row, tile)` over the weight decoded a tile of rows at a time.
+    fn for_each_tile(&self, mut f: impl FnMut(usize, &[f32])) {
+        let tile = self.tile_rows();
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            if scratch.len() < tile * self.inp {
+                scratch.resize(tile * self.inp, 0.0);
+            }
+            let mut first = 0;
+            while first < self.out {
+                let rows = tile.min(self.out - first);
+                let buf = &mut scratch[..rows * self.inp];
+                self.decode_rows(first, buf);
+                f(first, buf);
+                first += rows;
+            }
+        });
+    }
+
+    /// `x W^T` for `x` `[rows, in]`, a tile of `W` at a time.
+    fn tiled_linear(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let (out, inp) = (self.out, self.inp);
+        assert_eq!(x.len(), rows * inp);
+        let mut y = vec![0.0f32; rows * out];
+        self.for_each_tile(|first, tile| {
+            let t = tile.len() / inp;
+            // y[:, first..first + t] = x tile^T: rhs (k = i, n = o) is tile[o * in + i].
+            gemm_f32(Gemm {
+                m: rows,
+                n: t,
+                k: inp,
+                dst: &mut y[first..],
+                dst_rs: out,
+                accumulate: false,
+                lhs: x,
+                lhs_rs: inp,
+                rhs: tile,
+                rhs_rs: 1,
+                rhs_cs: inp,
+            });
+        });
+        y
+    }
+
+    /// `g W` for `g` `[rows, out]`, a tile of `W` at a time.
+    fn tiled_linear_transposed(&self, g: &[f32], rows: usize) -> Vec<f32> {
+        let (out, inp) = (self.out, self.inp);
+        assert_eq!(g.len(), rows * out);
+        let mut y = vec![0.0f32; rows * inp];
+        self.for_each_tile(|first, tile| {
+            let t = tile.len() / inp;
+            // y += g[:, first..first + t] tile: rhs (k = o, n = i) is tile[o * in + i].
+            gemm_f32(Gemm {
+                m: rows,
+                n: inp,
+                k: t,
+                dst: &mut y,
+                dst_rs: inp,
+                accumulate: first > 0,
+                lhs: &g[first..],
+                lhs_rs: out,
+                rhs: tile,
+                rhs_rs: inp,
+                rhs_cs: 1,
+            });
+        });
+        y
+    }
+
+    /// `y[r][o] = sum_i W[o][i] x[r][i]` for `rows` rows of `x`; only when every row of `W`
+    /// is whole blocks.
+    fn fused_linear(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut yt = vec![0.0f32; self.out * rows];
+        yt.par_chunks_mut(rows * OUTPUTS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, ys)| {
+                for (k, yo) in ys.chunks_mut(rows).enumerate() {
+                    self.row_dot(c * OUTPUTS_PER_TASK + k, x, yo);
+                }
+            });
+        // `[out, rows]` to `[rows, out]`.
+        let mut y = vec![0.0f32; rows * self.out];
+        for (o, yo) in yt.chunks(rows).enumerate() {
+            for (r, v) in yo.iter().enumerate() {
+                y[r * self.out + o] = *v;
+            }
+        }
+        y
+    }
+
+    fn row_dot(&self, o: usize, x: &[f32], y: &mut [f32]) {
+        let per_row = self.inp / self.bs;
+        let words_per_block = self.bs / 8;
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            simd::row_dot(self, o, x, y);
+            return;
+        }
+        let mut values = vec![0.0f32; self.bs];
+        y.fill(0.0);
+        for k in 0..per_row {
+            let b = o * per_row + k;
+            let lut = self.table.map(|v| v * self.absmax.get(b));
+            decode(
+                &lut,
+                &self.words[b * words_per_block..(b + 1) * words_per_block],
+                &mut values,
+            );
+            for (r, yr) in y.iter_mut().enumerate() {
+                let xs = &x[r * self.inp + k * self.bs..][..self.bs];
+                *yr += dot(&values, xs);
+            }
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// A row-major product for [`gemm_f32`]: `dst[m, n] (+)= lhs[m, k] rhs[k, n]`, `lhs` and
+/// `dst` with unit column stride, `rhs` with the given strides.
+struct Gemm<'a> {
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &'a mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &'a [f32],
+    lhs_rs: usize,
+    rhs: &'a [f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+}
+
+/// Runs a [`Gemm`] with the `gemm` crate, after checking that every element it touches is in
+/// bounds of its slice.
+#[allow(unsafe_code)] // the `gemm` crate takes raw pointers and strides
+fn gemm_f32(p: Gemm<'_>) {
+    if p.m == 0 || p.n == 0 {
+        return;
+    }
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(
+        last(p.dst_rs, 1, p.m, p.n) < p.dst.len(),
+        "gemm: dst out of bounds"
+    );
+    if p.k == 0 {
+        return;
+    }
+    assert!(
+        last(p.lhs_rs, 1, p.m, p.k) < p.lhs.len(),
+        "gemm: lhs out of bounds"
+    );
+    assert!(
+        last(p.rhs_rs, p.rhs_cs, p.k, p.n) < p.rhs.len(),
+        "gemm: rhs out of bounds"
+    );
+    let parallelism = if p.m.saturating_mul(p.n).saturating_mul(p.k) >= PARALLEL_THRESHOLD {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    let s = |v: usize| v as isize;
+    // SAFETY: the asserts above keep every index the product reads or writes inside the
+    // slices, which outlive the call; `dst` is exclusively borrowed and overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            p.m,
+            p.n,
+            p.k,
+            p.dst.as_mut_ptr(),
+            1,
+            s(p.dst_rs),
+            p.accumulate,
+            p.lhs.as_ptr(),
+            1,
+            s(p.lhs_rs),
+            p.rhs.as_ptr(),
+            s(p.rhs_cs),
+            s(p.rhs_rs),
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// A dot product in eight independent sums, which the compiler vectorizes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
+    let (b8, b_rest) = b.split_at(a8.len());
+    for (ca, cb) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] += ca[j] * cb[j];
+        }
+    }
+    acc.iter().sum::<f32>() + a_rest.iter().zip(b_rest).map(|(p, q)| p * q).sum::<f32>()
+}
+
+/// Writes `lut[code]` for the codes of `words` (8 per word, the first at bit 0) into `dst`.
+fn decode(lut: &[f32; 16], words: &[i32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() && dst.len().is_multiple_of(16) {
+        simd::decode(lut, words, dst);
+        return;
+    }
+    for (w, d) in words.iter().zip(dst.chunks_mut(8)) {
+        let w = w.cast_unsigned();
+        for (j, v) in d.iter_mut().enumerate() {
+            *v = lut[((w >> (4 * j)) & 15) as usize];
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)] // AVX-512 intrinsics; every pointer access is bounds-checked first
+mod simd {
+    use std::arch::x86_64::{
+        __m512, __m512i, _mm_loadl_epi64, _mm512_and_si512, _mm512_castsi128_si512,
+        _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_permutexvar_epi32, _mm512_permutexvar_ps,
+        _mm512_reduce_add_ps, _mm512_set1_epi32, _mm512_set1_ps, _mm512_setr_epi32,
+        _mm512_setzero_ps, _mm512_srlv_epi32, _mm512_storeu_ps,
+    };
+    use std::sync::OnceLock;
+
+    use super::{FUSED_ROWS, HostWeight};
+
+    pub(super) fn available() -> bool {
+        static AVX512: OnceLock<bool> = OnceLock::new();
+        *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+
+    /// The 16 codes of two words as lane indices: lanes 0-7 from the first word, 8-15 from
+    /// the second, lane `j` of each half shifted right by `4j`.
+    #[target_feature(enable = "avx512f")]
+    fn codes(pair: &[i32]) -> __m512i {
+        assert!(pair.len() >= 2);
+        // SAFETY: `pair` holds at least the 8 bytes `_mm_loadl_epi64` reads.
+        let both = unsafe { _mm_loadl_epi64(pair.as_ptr().cast()) };
+        let spread = _mm512_permutexvar_epi32(
+            _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+            _mm512_castsi128_si512(both),
+        );
+        let shifts = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+        _mm512_and_si512(_mm512_srlv_epi32(spread, shifts), _mm512_set1_epi32(15))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn load16(s: &[f32]) -> __m512 {
+        assert!(s.len() >= 16);
+        // SAFETY: 16 floats are in bounds.
+        unsafe { _mm512_loadu_ps(s.as_ptr()) }
+    }
+
+    /// `dst.len()` is a multiple of 16 and `words` holds `dst.len() / 8` words.
+    pub(super) fn decode(lut: &[f32; 16], words: &[i32], dst: &mut [f32]) {
+        // SAFETY: `available()` checked AVX-512F on this CPU.
+        unsafe { decode_avx512(lut, words, dst) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn decode_avx512(lut: &[f32; 16], words: &[i32], dst: &mut [f32]) {
+        let table = load16(lut);
+        for (pair, out) in words.chunks_exact(2).zip(dst.chunks_exact_mut(16)) {
+            let v = _mm512_permutexvar_ps(codes(pair), table);
+            // SAFETY: `out` is 16 floats.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
+        }
+    }
+
+    /// One output of up to [`FUSED_ROWS`] rows; `w.inp` is a multiple of `w.bs`.
+    pub(super) fn row_dot(w: &HostWeight<'_>, o: usize, x: &[f32], y: &mut [f32]) {
+        // SAFETY: `available()` checked AVX-512F on this CPU.
+        unsafe { row_dot_avx512(w, o, x, y) }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    fn row_dot_avx512(w: &HostWeight<'_>, o: usize, x: &[f32], y: &mut [f32]) {
+        let rows = y.len();
+        assert!(rows <= FUSED_ROWS && x.len() >= rows * w.inp);
+        let table = load16(&w.table);
+        let per_row = w.inp / w.bs;
+        let words_per_block = w.bs / 8;
+        let mut acc = [_mm512_setzero_ps(); FUSED_ROWS];
+        for k in 0..per_row {
+            let b = o * per_row + k;
+            let words = &w.words[b * words_per_block..(b + 1) * words_per_block];
+            let mut block = [_mm512_setzero_ps(); FUSED_ROWS];
+            for (j, pair) in words.chunks_exact(2).enumerate() {
+                let v = _mm512_permutexvar_ps(codes(pair), table);
+                let at = k * w.bs + 16 * j;
+                for r in 0..rows {
+                    block[r] = _mm512_fmadd_ps(v, load16(&x[r * w.inp + at..]), block[r]);
+                }
+            }
+            let scale = _mm512_set1_ps(w.absmax.get(b));
+            for r in 0..rows {
+                acc[r] = _mm512_fmadd_ps(block[r], scale, acc[r]);
+            }
+        }
+        for (r, yr) in y.iter_mut().enumerate() {
+            *yr = _mm512_reduce_add_ps(acc[r]);
+        }
+    }
+}
+
+fn flex_f32(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, Shape::from(shape)))
+}
+
+/// The dequantized weight as a Flex tensor, or `None` where the host kernels do not apply.
+fn dequantize_host(w: &Q4Weight<Flex>) -> Option<FlexTensor> {
+    let parts = Parts::new(w)?;
+    let host = parts.view(w)?;
+    Some(flex_f32(host.dequantize(), w.shape.to_vec()))
+}
+
+/// `[.., last]` with the last dimension replaced.
+fn with_last(mut dims: Vec<usize>, last: usize) -> Vec<usize> {
+    if let Some(d) = dims.last_mut() {
+        *d = last;
+    }
+    dims
+}
+
+impl QuantBackend for Flex {
+    fn q4_linear(x: FloatTensor<Self>, weight: &Q4Weight<Self>) -> FloatTensor<Self> {
+        let [out, inp] = weight.shape;
+        let dims = x.shape().to_vec();
+        let rows = x.shape().num_elements() / inp.max(1);
+        let Some(parts) = Parts::new(weight).filter(|_| x.dtype() == DType::F32) else {
+            return portable_linear::<Self>(x, weight);
+        };
+        let Some(host) = parts.view(weight) else {
+            return portable_linear::<Self>(x, weight);
+        };
+        let xs = contiguous(&x);
+        let xs = &xs.storage::<f32>()[..rows * inp];
+        let y = if rows <= FUSED_ROWS && inp.is_multiple_of(weight.blocksize) {
+            host.fused_linear(xs, rows)
+        } else {
+            host.tiled_linear(xs, rows)
+        };
+        flex_f32(y, with_last(dims, out))
+    }
+
+    fn q4_linear_transposed(g: FloatTensor<Self>, weight: &Q4Weight<Self>) -> FloatTensor<Self> {
+        let [out, inp] = weight.shape;
+        let dims = g.shape().to_vec();
+        let rows = g.shape().num_elements() / out.max(1);
+        let Some(parts) = Parts::new(weight).filter(|_| g.dtype() == DType::F32) else {
+            return portable_linear_transposed::<Self>(g, weight);
+        };
+        let Some(host) = parts.view(weight) else {
+            return portable_linear_transposed::<Self>(g, weight);
+        };
+        let gs = contiguous(&g);
+        let y = host.tiled_linear_transposed(&gs.storage::<f32>()[..rows * out], rows);
+        flex_f32(y, with_last(dims, inp))
+    }
+
+    fn q4_dequantize(weight: &Q4Weight<Self>) -> FloatTensor<Self> {
+        dequantize_host(weight).unwrap_or_else(|| {
+            portable_dequantize::<Self>(weight)
+                .into_primitive()
+                .tensor()
+        })
+    }
+}
