@@ -5,15 +5,19 @@
 //! ```text
 //! train-step --method lora|qlora|full --backend flex|ndarray|wgpu|cuda
 //!            [--batch 4] [--seq-len 128] [--rank 16] [--layers 30] [--steps 5] [--warmup 2]
-//!            [--checkpointing none|balanced]
+//!            [--checkpointing none|balanced] [--allocator tuned|system]
 //! ```
+//!
+//! `--allocator tuned` (the default, what `peft` does) applies
+//! `peft_train::tune_allocator`: freed memory stays in the heap for the next step.
+//! `--allocator system` leaves malloc's defaults.
 //!
 //! `--checkpointing balanced` runs burn's `BalancedCheckpointing` (what `peft train
 //! --grad-checkpointing true` uses): memory-bound operations are recomputed in the backward
-//! pass instead of kept, which for QLoRA includes each layer's dequantized weight.
+//! pass instead of kept.
 //!
 //! Prints one JSON line: method, backend, shape, trainable parameters, seconds per step,
-//! tokens per second and peak resident memory.
+//! tokens per second, peak resident memory and the peak of the bytes live on the heap.
 
 #![allow(clippy::print_stderr)] // a command-line tool reports its failure on stderr
 
@@ -29,6 +33,7 @@ struct Args {
     steps: usize,
     warmup: usize,
     checkpointing: bool,
+    tuned_allocator: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -39,6 +44,7 @@ fn parse() -> Result<Args, String> {
         steps: 5,
         warmup: 2,
         checkpointing: false,
+        tuned_allocator: true,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut it = argv.iter();
@@ -58,6 +64,13 @@ fn parse() -> Result<Args, String> {
             "--layers" => a.shape.layers = num()?,
             "--steps" => a.steps = num()?.max(1),
             "--warmup" => a.warmup = num()?,
+            "--allocator" => {
+                a.tuned_allocator = match value.as_str() {
+                    "tuned" => true,
+                    "system" => false,
+                    _ => return Err(format!("--allocator is tuned or system, not `{value}`")),
+                }
+            }
             "--checkpointing" => {
                 a.checkpointing = match value.as_str() {
                     "none" => false,
@@ -148,6 +161,7 @@ fn measure<B: AutodiffBackend + peft_qlora::QuantBackend>(
         "method": a.method.name(),
         "backend": a.backend,
         "checkpointing": if a.checkpointing { "balanced" } else { "none" },
+        "allocator": if a.tuned_allocator { "tuned" } else { "system" },
         "batch": a.shape.batch,
         "seq_len": a.shape.seq_len,
         "rank": a.shape.rank,
@@ -167,7 +181,11 @@ fn measure<B: AutodiffBackend + peft_qlora::QuantBackend>(
 fn main() -> std::process::ExitCode {
     use burn::backend::Autodiff;
     use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing as Balanced;
-    let result = parse().and_then(|a| match (a.backend.as_str(), a.checkpointing) {
+    let args = parse();
+    if args.as_ref().is_ok_and(|a| a.tuned_allocator) {
+        peft_train::tune_allocator();
+    }
+    let result = args.and_then(|a| match (a.backend.as_str(), a.checkpointing) {
         #[cfg(feature = "flex")]
         ("flex", false) => measure::<Autodiff<burn::backend::Flex>>(&a),
         #[cfg(feature = "flex")]

@@ -180,6 +180,8 @@ fn inspect_adapter(dir: &PathBuf, json: bool) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Training reuses the same large buffers every step: keep them in the heap.
+    peft_train::tune_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

@@ -43,6 +43,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod allocator;
 pub mod checkpoint;
 pub mod data;
 pub mod error;
@@ -51,6 +52,7 @@ pub mod metrics;
 pub mod optim;
 pub mod trainer;
 
+pub use allocator::tune_allocator;
 pub use error::{Result, TrainError};
 
 /// The Rust examples of docs/training.md, compiled as doc tests.
