@@ -5,9 +5,10 @@
 //! - up to [`FUSED_ROWS`] rows (decoding one token, or a few): a fused product that decodes
 //!   16 codes at a time into registers and multiplies them into the rows straight away. It
 //!   reads 0.5 bytes per weight where the f32 product reads 4, and writes no f32 weight.
-//! - more rows (prefill, training): the weight is decoded a tile of rows at a time (about
-//!   [`TILE_BYTES`]) into a scratch buffer that each thread keeps, and the `gemm` crate (Flex's
-//!   own matmul kernels) multiplies by the tile. The decode is linear in the weight's size,
+//! - more rows (prefill, training): the weight is decoded a tile at a time (about
+//!   [`TILE_BYTES`]; tiles of columns, so that each tile is one slice of the inner dimension)
+//!   into a scratch buffer that each thread keeps, and the `gemm` crate (Flex's own matmul
+//!   kernels) multiplies by the tile. The decode is linear in the weight's size,
 //!   the product `rows` times that; no f32 weight is ever allocated, so training allocates
 //!   and frees nothing per layer beyond the output.
 //!
@@ -229,11 +230,45 @@ impl HostWeight<'_> {
         });
     }
 
-    /// `x W^T` for `x` `[rows, in]`, a tile of `W` at a time.
+    /// `x W^T` for `x` `[rows, in]`, a tile of `W` at a time: tiles of columns when every
+    /// row of `W` is whole blocks, of rows otherwise.
     fn tiled_linear(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let (out, inp) = (self.out, self.inp);
         assert_eq!(x.len(), rows * inp);
         let mut y = vec![0.0f32; rows * out];
+        if inp.is_multiple_of(self.bs) {
+            // Tiles of columns split the inner dimension: y += x[:, k0..k0 + kt] tile^T, so
+            // gemm packs each part of `x` once; tiles of rows would pack all of it per tile.
+            let kt = self.column_tile();
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                if scratch.len() < out * kt {
+                    scratch.resize(out * kt, 0.0);
+                }
+                let mut k0 = 0;
+                while k0 < inp {
+                    let k = kt.min(inp - k0);
+                    let tile = &mut scratch[..out * k];
+                    self.decode_columns(k0, k, tile);
+                    // rhs (k = i, n = o) is tile[o * k + i].
+                    gemm_f32(Gemm {
+                        m: rows,
+                        n: out,
+                        k,
+                        dst: &mut y,
+                        dst_rs: out,
+                        accumulate: k0 > 0,
+                        lhs: &x[k0..],
+                        lhs_rs: inp,
+                        rhs: tile,
+                        rhs_rs: 1,
+                        rhs_cs: k,
+                    });
+                    k0 += k;
+                }
+            });
+            return y;
+        }
         self.for_each_tile(|first, tile| {
             let t = tile.len() / inp;
             // y[:, first..first + t] = x tile^T: rhs (k = i, n = o) is tile[o * in + i].
@@ -252,6 +287,35 @@ impl HostWeight<'_> {
             });
         });
         y
+    }
+
+    /// Columns per tile of [`Self::tiled_linear`]: about [`TILE_BYTES`], whole blocks.
+    fn column_tile(&self) -> usize {
+        let target = (TILE_BYTES / 4 / self.out.max(1)).max(1);
+        (target.div_ceil(self.bs) * self.bs).min(self.inp)
+    }
+
+    /// Decodes columns `k0..k0 + k` of every row into `dst` (`[out, k]`); `in`, `k0` and `k`
+    /// are multiples of the block size.
+    fn decode_columns(&self, k0: usize, k: usize, dst: &mut [f32]) {
+        let per_row = self.inp / self.bs;
+        let rows_per_task = (16_384 / k).max(1);
+        dst.par_chunks_mut(k * rows_per_task)
+            .enumerate()
+            .for_each(|(c, d)| {
+                for (r, row) in d.chunks_mut(k).enumerate() {
+                    let o = c * rows_per_task + r;
+                    for (j, block) in row.chunks_mut(self.bs).enumerate() {
+                        let b = o * per_row + k0 / self.bs + j;
+                        let lut = self.table.map(|v| v * self.absmax.get(b));
+                        decode(
+                            &lut,
+                            &self.words[b * self.bs / 8..(b + 1) * self.bs / 8],
+                            block,
+                        );
+                    }
+                }
+            });
     }
 
     /// `g W` for `g` `[rows, out]`, a tile of `W` at a time.
