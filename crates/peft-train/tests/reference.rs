@@ -243,3 +243,32 @@ fn token_loss_matches_transformers_with_masked_prompt_and_padding() {
     assert!(extra > 0.1, "the fixture masks tokens with real loss");
     assert!((diff - extra).abs() < 1e-3, "{diff} vs {extra}");
 }
+
+/// The gradient of the mean token loss reaches the model as transformers' does: here, the
+/// final norm's weight, which every target's cross-entropy gradient passes through.
+#[test]
+fn token_loss_gradient_matches_transformers() {
+    let (mut f, _) = reference();
+    let want = vec_of(&mut f, "loss.grad_norm_weight");
+    let device = Default::default();
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../peft-models/tests/fixtures/llama_gqa");
+    let model: peft_models::llama::Llama<B> = peft_models::load_llama(&dir, &device).unwrap();
+    let examples = reference_examples(&mut f);
+    let refs: Vec<&Tokenized> = examples.iter().collect();
+    let batch = Batch::new(&refs, 0);
+    let n = batch.targets.len();
+    let grads = (token_nll(&model, &batch, &device) / n as f64).backward();
+    let got: Vec<f32> = model
+        .model
+        .norm
+        .weight
+        .grad(&grads)
+        .unwrap()
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 1e-3, "the fixture's gradient is all but zero");
+    assert_close(&got, &want, 1e-5 * scale.max(1.0), "d loss / d norm.weight");
+}
