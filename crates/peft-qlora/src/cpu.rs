@@ -646,40 +646,45 @@ fn with_last(mut dims: Vec<usize>, last: usize) -> Vec<usize> {
     dims
 }
 
+/// Runs `kernel` on the host view of `weight` and of `input` (`[.., k]`, f32), giving
+/// `[.., n]`; `None` where the host kernels do not apply.
+fn on_host(
+    input: &FlexTensor,
+    weight: &Q4Weight<Flex>,
+    [k, n]: [usize; 2],
+    kernel: impl FnOnce(&HostWeight<'_>, &[f32], usize) -> Vec<f32>,
+) -> Option<FlexTensor> {
+    if input.dtype() != DType::F32 {
+        return None;
+    }
+    let parts = Parts::new(weight)?;
+    let host = parts.view(weight)?;
+    let rows = input.shape().num_elements() / k.max(1);
+    let values = contiguous(input);
+    let y = kernel(&host, &values.storage::<f32>()[..rows * k], rows);
+    Some(flex_f32(y, with_last(input.shape().to_vec(), n)))
+}
+
 impl QuantBackend for Flex {
     fn q4_linear(x: FloatTensor<Self>, weight: &Q4Weight<Self>) -> FloatTensor<Self> {
         let [out, inp] = weight.shape;
-        let dims = x.shape().to_vec();
-        let rows = x.shape().num_elements() / inp.max(1);
-        let Some(parts) = Parts::new(weight).filter(|_| x.dtype() == DType::F32) else {
-            return portable_linear::<Self>(x, weight);
-        };
-        let Some(host) = parts.view(weight) else {
-            return portable_linear::<Self>(x, weight);
-        };
-        let xs = contiguous(&x);
-        let xs = &xs.storage::<f32>()[..rows * inp];
-        let y = if rows <= FUSED_ROWS && inp.is_multiple_of(weight.blocksize) {
-            host.fused_linear(xs, rows)
-        } else {
-            host.tiled_linear(xs, rows)
-        };
-        flex_f32(y, with_last(dims, out))
+        let fused = inp.is_multiple_of(weight.blocksize);
+        on_host(&x, weight, [inp, out], |host, xs, rows| {
+            if fused && rows <= FUSED_ROWS {
+                host.fused_linear(xs, rows)
+            } else {
+                host.tiled_linear(xs, rows)
+            }
+        })
+        .unwrap_or_else(|| portable_linear::<Self>(x, weight))
     }
 
     fn q4_linear_transposed(g: FloatTensor<Self>, weight: &Q4Weight<Self>) -> FloatTensor<Self> {
         let [out, inp] = weight.shape;
-        let dims = g.shape().to_vec();
-        let rows = g.shape().num_elements() / out.max(1);
-        let Some(parts) = Parts::new(weight).filter(|_| g.dtype() == DType::F32) else {
-            return portable_linear_transposed::<Self>(g, weight);
-        };
-        let Some(host) = parts.view(weight) else {
-            return portable_linear_transposed::<Self>(g, weight);
-        };
-        let gs = contiguous(&g);
-        let y = host.tiled_linear_transposed(&gs.storage::<f32>()[..rows * out], rows);
-        flex_f32(y, with_last(dims, inp))
+        on_host(&g, weight, [out, inp], |host, gs, rows| {
+            host.tiled_linear_transposed(gs, rows)
+        })
+        .unwrap_or_else(|| portable_linear_transposed::<Self>(g, weight))
     }
 
     fn q4_dequantize(weight: &Q4Weight<Self>) -> FloatTensor<Self> {
