@@ -7,6 +7,7 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use peft_core::config::{AdapterConfig, LoraFields};
+use peft_core::model::merge_and_unload;
 use peft_core::trainable::{AdapterOnly, freeze, trainable_report};
 use peft_rlhf::data::{read_preferences, tokenize_preference};
 use peft_rlhf::dpo::{Dpo, DpoConfig, PreferencePair, reference_logps};
@@ -101,18 +102,11 @@ fn dpo_on<B: AutodiffBackend>(
     // DPO adapter trains on.
     let mut model: Lm<B> = load_lm(&r.model, &a.from_adapter, true, device)
         .with_context(|| format!("loading {}", r.model.display()))?;
-    if !a.from_adapter.is_empty() {
-        // Merged weights stay; drop the merged adapters so only the new one trains.
-        let names: Vec<String> = match &mut model {
-            Lm::Llama(m) => peft_core::model::adapter_names(m)?,
-            Lm::Gpt2(m) => peft_core::model::adapter_names(m)?,
-        };
-        for n in names {
-            match &mut model {
-                Lm::Llama(m) => peft_core::model::delete_adapter(m, &n)?,
-                Lm::Gpt2(m) => peft_core::model::delete_adapter(m, &n)?,
-            }
-        }
+    // The merged weights stay and the starting adapters go, so only the new one trains and
+    // disabling it gives the merged model.
+    match &mut model {
+        Lm::Llama(m) => merge_and_unload(m, true)?,
+        Lm::Gpt2(m) => merge_and_unload(m, true)?,
     }
     let pad = pad_id(&tok);
     {

@@ -9,7 +9,7 @@ use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use peft_core::config::AdapterConfig;
-use peft_core::model::{adapter_names, delete_adapter, set_adapters_disabled};
+use peft_core::model::{merge_and_unload, set_adapters_disabled};
 use peft_core::trainable::{AdapterOnly, freeze, trainable_report};
 use peft_lora::LoraModel;
 use peft_models::CausalLm;
@@ -242,10 +242,9 @@ impl Job<'_> {
             LoraModel<B::InnerBackend> + CausalLm<B::InnerBackend> + ModuleDisplay + 'static,
     {
         let r = self.r;
-        // Starting adapters are merged into the base; drop them so only the new one trains.
-        for n in adapter_names(&mut lm)? {
-            delete_adapter(&mut lm, &n)?;
-        }
+        // Starting adapters are folded into the weights for good (delete_adapter would unmerge
+        // them), so only the new adapter trains and disabling it gives the merged model.
+        merge_and_unload(&mut lm, true)?;
         let lora = crate::train::lora_fields(r);
         peft_lora::add_adapter_full(&mut lm, "default", &lora, device)?;
         let lm = freeze(lm, &AdapterOnly);

@@ -8,7 +8,7 @@ use burn::module::{AutodiffModule, ModuleDisplay};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use peft_core::config::AdapterConfig;
-use peft_core::model::{adapter_names, delete_adapter, set_adapters_disabled};
+use peft_core::model::{merge_and_unload, set_adapters_disabled};
 use peft_core::trainable::{AdapterOnly, freeze, trainable_report};
 use peft_lora::LoraModel;
 use peft_models::CausalLm;
@@ -171,9 +171,9 @@ impl Job<'_> {
             LoraModel<B::InnerBackend> + CausalLm<B::InnerBackend> + ModuleDisplay + 'static,
     {
         let r = self.r;
-        for n in adapter_names(&mut lm)? {
-            delete_adapter(&mut lm, &n)?;
-        }
+        // Starting adapters are folded into the weights for good (delete_adapter would unmerge
+        // them), so only the new adapter trains and disabling it gives the merged model.
+        merge_and_unload(&mut lm, true)?;
         let lora = crate::train::lora_fields(r);
         peft_lora::add_adapter_full(&mut lm, "default", &lora, device)?;
         let hidden = lm.token_embedding().map(|(_, _, d)| d).context(
