@@ -234,6 +234,42 @@ pub fn reference_logps<B: Backend, M: CausalLm<B>>(
     }
 }
 
+/// As [`reference_logps`], for the pairs at `indices` only (repeats allowed), batched by
+/// length so that little padding is computed. Every other pair's log-probabilities become
+/// NaN, so a loss that reaches one fails loudly instead of training on a made-up
+/// reference. With `peft_train`'s `TrainOptions::examples_used` as `indices`, a run
+/// shorter than an epoch skips the pairs it never sees. Returns how many pairs it
+/// computed.
+pub fn reference_logps_of<B: Backend, M: CausalLm<B>>(
+    reference: &M,
+    pairs: &mut [PreferencePair],
+    indices: &[usize],
+    batch_size: usize,
+    pad: u32,
+    device: &B::Device,
+) -> usize {
+    let mut wanted: Vec<usize> = indices
+        .iter()
+        .copied()
+        .filter(|&i| i < pairs.len())
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    // A batch pads every sequence to its longest, chosen and rejected alike.
+    wanted.sort_by_key(|&i| pairs[i].chosen.ids.len().max(pairs[i].rejected.ids.len()));
+    let mut subset: Vec<PreferencePair> = wanted.iter().map(|&i| pairs[i].clone()).collect();
+    reference_logps(reference, &mut subset, batch_size, pad, device);
+    for p in pairs.iter_mut() {
+        p.ref_chosen = f64::NAN;
+        p.ref_rejected = f64::NAN;
+    }
+    for (&i, p) in wanted.iter().zip(subset) {
+        pairs[i].ref_chosen = p.ref_chosen;
+        pairs[i].ref_rejected = p.ref_rejected;
+    }
+    wanted.len()
+}
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Sums {
     pairs: usize,
