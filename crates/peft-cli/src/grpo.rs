@@ -14,7 +14,7 @@ use peft_core::trainable::{AdapterOnly, freeze, trainable_report};
 use peft_lora::LoraModel;
 use peft_models::CausalLm;
 use peft_models::tokenizer::ChatMessage;
-use peft_rlhf::dpo::token_logps;
+use peft_rlhf::dpo::token_logps_at;
 use peft_rlhf::grpo::{Grpo, GrpoConfig, ReferenceFn, RewardFn};
 use peft_rlhf::reward::{RewardModel, load_reward_adapter, sequence_rewards};
 use peft_train::TrainError;
@@ -255,8 +255,8 @@ impl Job<'_> {
             let mut m = lm.valid();
             set_adapters_disabled(&mut m, true)?;
             let (pad, device) = (self.pad, device.clone());
-            Some(Box::new(move |seqs: &[&Tokenized]| {
-                token_logps(&m, seqs, pad, &device)
+            Some(Box::new(move |seqs: &[&Tokenized], temperature: f64| {
+                token_logps_at(&m, seqs, pad, temperature, &device)
                     .0
                     .into_data()
                     .convert::<f32>()

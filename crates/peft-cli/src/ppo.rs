@@ -13,7 +13,7 @@ use peft_core::trainable::{AdapterOnly, freeze, trainable_report};
 use peft_lora::LoraModel;
 use peft_models::CausalLm;
 use peft_models::tokenizer::ChatMessage;
-use peft_rlhf::dpo::token_logps;
+use peft_rlhf::dpo::token_logps_at;
 use peft_rlhf::grpo::{ReferenceFn, RewardFn};
 use peft_rlhf::ppo::{KlEstimator, PolicyWithValue, Ppo, PpoConfig};
 use peft_train::data::{Tokenized, prompt_ids};
@@ -185,8 +185,8 @@ impl Job<'_> {
             let mut m = lm.valid();
             set_adapters_disabled(&mut m, true)?;
             let (pad, device) = (self.pad, device.clone());
-            Box::new(move |seqs: &[&Tokenized]| {
-                token_logps(&m, seqs, pad, &device)
+            Box::new(move |seqs: &[&Tokenized], temperature: f64| {
+                token_logps_at(&m, seqs, pad, temperature, &device)
                     .0
                     .into_data()
                     .convert::<f32>()

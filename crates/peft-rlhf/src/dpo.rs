@@ -143,6 +143,20 @@ pub fn token_logps<B: Backend, M: CausalLm<B>>(
     pad: u32,
     device: &B::Device,
 ) -> (Tensor<B, 1>, Vec<usize>) {
+    token_logps_at(model, seqs, pad, 1.0, device)
+}
+
+/// As [`token_logps`], of the distribution sampling at `temperature` draws from
+/// (`log_softmax(logits / temperature)`), as TRL's PPO and GRPO trainers take them: with
+/// completions sampled at that temperature, the ratios and KL estimates are then about the
+/// distribution they came from.
+pub fn token_logps_at<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    seqs: &[&Tokenized],
+    pad: u32,
+    temperature: f64,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Vec<usize>) {
     let batch = Batch::new(seqs, pad);
     let (b, len) = (batch.ids.len(), batch.len);
     let n = batch.positions.len();
@@ -160,12 +174,13 @@ pub fn token_logps<B: Backend, M: CausalLm<B>>(
     let tg: Vec<i32> = batch.targets.iter().map(|&t| t as i32).collect();
     let tg = Tensor::<B, 1, Int>::from_data(TensorData::new(tg, [n]), device).unsqueeze_dim(1);
     let owner = batch.positions.iter().map(|&p| p / len).collect();
-    (
-        log_softmax(logits.reshape([n, v]), 1)
-            .gather(1, tg)
-            .reshape([n]),
-        owner,
-    )
+    let logits = logits.reshape([n, v]);
+    let logits = if temperature == 1.0 {
+        logits
+    } else {
+        logits / temperature
+    };
+    (log_softmax(logits, 1).gather(1, tg).reshape([n]), owner)
 }
 
 /// The summed log-probability of each sequence's target tokens (`[sequences]`), and their
