@@ -19,7 +19,7 @@ use peft_rlhf::ppo::{KlEstimator, PolicyWithValue, Ppo, PpoConfig};
 use peft_train::data::{Tokenized, prompt_ids};
 use peft_train::trainer::train;
 
-use crate::grpo::{read_prompts, reward_fn};
+use crate::grpo::{check_reward_base, read_prompts, reward_fn};
 use crate::models::{Device, Lm, load_lm, load_tokenizer};
 use crate::train::{Method, Resolved, TrainSettings, pad_id};
 
@@ -41,6 +41,10 @@ pub struct PpoArgs {
     /// Sampling temperature (TRL's default 0.7).
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f64,
+    /// Adapters the reward model was trained over (its `peft reward --from-adapter`),
+    /// folded into its base before the reward adapter is loaded (repeatable).
+    #[arg(long = "reward-from-adapter")]
+    pub reward_from_adapter: Vec<PathBuf>,
     /// KL penalty coefficient against the model without the new adapter.
     #[arg(long, default_value_t = 0.05)]
     pub kl_coef: f64,
@@ -109,6 +113,7 @@ pub fn run(a: &PpoArgs) -> Result<()> {
             a.reward_model.display()
         );
     }
+    check_reward_base(&a.reward_model, &a.reward_from_adapter)?;
     crate::with_backend!(a.device, |B, device| ppo_on::<burn::backend::Autodiff<B>>(
         a, &r, &cfg, &device
     ))
@@ -135,7 +140,14 @@ fn ppo_on<B: AutodiffBackend>(
     }
     println!("data: {} prompts", prompts.len());
     let pad = pad_id(&tok);
-    let reward = reward_fn::<B::InnerBackend>(&r.model, &a.reward_model, pad, device)?;
+    let reward = reward_fn::<B::InnerBackend>(
+        &r.model,
+        &a.reward_from_adapter,
+        &a.reward_model,
+        &tok,
+        pad,
+        device,
+    )?;
     B::seed(device, r.options.seed);
     let model: Lm<B> = load_lm(&r.model, &a.from_adapter, true, device)
         .with_context(|| format!("loading {}", r.model.display()))?;

@@ -190,6 +190,10 @@ impl Run<'_> {
             "before": before.map(|v| v.into_iter().collect::<std::collections::BTreeMap<_, _>>()),
             "after": after.map(|v| v.into_iter().collect::<std::collections::BTreeMap<_, _>>()),
             "steps": done.state.step, "model_step": done.model_step,
+            // `peft ppo` and `peft grpo` check their --reward-from-adapter against this.
+            "from_adapter": a.from_adapter.iter().map(|p| {
+                std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string()
+            }).collect::<Vec<_>>(),
             "train_seconds": done.state.elapsed_s, "options": r,
         });
         std::fs::write(
