@@ -17,6 +17,9 @@
 //!   and prints its path.
 //! - `demo [ARGS]`: the README's main job: fine-tunes SmolLM2-135M-Instruct with LoRA on
 //!   the bundled extraction task and prints the before/after table (ARGS go to `peft train`).
+//! - `rlhf-demo [--out DIR]`: the worked example of docs/rlhf.md on the demo model: SFT,
+//!   a reward model, then DPO and PPO from the SFT adapter, with every stage's before/after
+//!   numbers and wall time (see `rlhf_demo.rs`).
 //! - `demo-data`: regenerates the demo's data set in `data/demo/`.
 //! - `fuzz [TARGET] [--seconds N]`: runs the fuzz targets of `fuzz/` (see `fuzz.rs`).
 //! - `kill-resume [N]`: kills and resumes `peft train` N times (see `faults.rs`).
@@ -30,6 +33,7 @@ mod bench_train;
 mod demo_data;
 mod faults;
 mod fuzz;
+mod rlhf_demo;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -361,13 +365,22 @@ fn fetch_model(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The release `peft` binary that `cargo build --release -p peft-cli` writes (under
+/// `$CARGO_TARGET_DIR` when that is set).
+fn peft_binary() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map_or_else(|| root().join("target"), |t| root().join(t));
+    target.join("release/peft")
+}
+
 /// The README's main job: fine-tunes SmolLM2-135M-Instruct with LoRA on the bundled
 /// extraction task on the CPU and prints the before/after table. Extra arguments go to
 /// `peft train` (for example `--out DIR`, `--max-steps N`, `--device wgpu`).
 fn demo(args: &[String]) -> Result<()> {
     fetch_model(&["smollm2".to_string()])?;
     run("cargo", &["build", "--release", "-p", "peft-cli"])?;
-    let peft = root().join("target/release/peft");
+    let peft = peft_binary();
     let mut cmd = vec![
         "train".to_string(),
         "--config".to_string(),
@@ -402,13 +415,14 @@ fn main() -> ExitCode {
         "bench" => bench(rest),
         "fixtures" => fixtures(),
         "demo" => demo(rest),
+        "rlhf-demo" => rlhf_demo::rlhf_demo(rest),
         "demo-data" => demo_data::generate(&root().join("data/demo")),
         "fetch-model" => fetch_model(rest),
         "fuzz" => fuzz::run(&root(), rest),
         "kill-resume" => faults::kill_resume(&root(), rest),
         _ => {
             println!(
-                "usage: cargo xtask <ci [--no-wgpu] | bench [FILTER] [--report-only] | bench train [--compare-python] | fixtures | demo | demo-data | fetch-model smollm2>"
+                "usage: cargo xtask <ci [--no-wgpu] | bench [FILTER] [--report-only] | bench train [--compare-python] | fixtures | demo | rlhf-demo | demo-data | fetch-model smollm2>"
             );
             return if cmd == "help" || cmd == "--help" {
                 ExitCode::SUCCESS

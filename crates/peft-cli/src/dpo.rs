@@ -7,9 +7,10 @@ use burn::module::AutodiffModule;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use peft_core::config::{AdapterConfig, LoraFields};
+use peft_core::model::merge_and_unload;
 use peft_core::trainable::{AdapterOnly, freeze, trainable_report};
 use peft_rlhf::data::{read_preferences, tokenize_preference};
-use peft_rlhf::dpo::{Dpo, DpoConfig, PreferencePair, reference_logps};
+use peft_rlhf::dpo::{Dpo, DpoConfig, PreferencePair, reference_logps, reference_logps_of};
 use peft_train::data::split_validation;
 use peft_train::trainer::{evaluate_loss, train};
 
@@ -101,31 +102,35 @@ fn dpo_on<B: AutodiffBackend>(
     // DPO adapter trains on.
     let mut model: Lm<B> = load_lm(&r.model, &a.from_adapter, true, device)
         .with_context(|| format!("loading {}", r.model.display()))?;
-    if !a.from_adapter.is_empty() {
-        // Merged weights stay; drop the merged adapters so only the new one trains.
-        let names: Vec<String> = match &mut model {
-            Lm::Llama(m) => peft_core::model::adapter_names(m)?,
-            Lm::Gpt2(m) => peft_core::model::adapter_names(m)?,
-        };
-        for n in names {
-            match &mut model {
-                Lm::Llama(m) => peft_core::model::delete_adapter(m, &n)?,
-                Lm::Gpt2(m) => peft_core::model::delete_adapter(m, &n)?,
-            }
-        }
+    // The merged weights stay and the starting adapters go, so only the new one trains and
+    // disabling it gives the merged model.
+    match &mut model {
+        Lm::Llama(m) => merge_and_unload(m, true)?,
+        Lm::Gpt2(m) => merge_and_unload(m, true)?,
     }
     let pad = pad_id(&tok);
-    {
+    let reference_started = std::time::Instant::now();
+    let reference_pairs = {
         let reference = model.valid();
-        reference_logps(
+        // Only the pairs the run takes: a run shorter than an epoch skips the rest.
+        let used = r.options.examples_used(train_set.len());
+        let n = reference_logps_of(
             &reference,
             &mut train_set,
+            &used,
             r.options.batch_size,
             pad,
             device,
         );
         reference_logps(&reference, &mut val_set, r.options.batch_size, pad, device);
-    }
+        n
+    };
+    println!(
+        "reference log-probabilities of {reference_pairs} training and {} validation pairs in \
+         {:.0} s",
+        val_set.len(),
+        reference_started.elapsed().as_secs_f64()
+    );
     let lora = LoraFields {
         r: r.rank,
         lora_alpha: r.alpha,
@@ -178,9 +183,14 @@ fn dpo_on<B: AutodiffBackend>(
         };
         Ok(())
     })?;
-    if let Some((loss_before, m_before)) = before {
+    let mut results = serde_json::json!({
+        "steps": done.state.step, "model_step": done.model_step,
+        "train_seconds": done.state.elapsed_s, "reference_pairs": reference_pairs,
+        "options": r,
+    });
+    if let Some((loss_before, mut m_before)) = before {
         let after = evaluate_loss(&model, &objective, &val_set, options.batch_size, device);
-        let m_after = objective.take_metrics_map();
+        let mut m_after = objective.take_metrics_map();
         println!("\n| validation | before | after |\n|---|---|---|");
         println!("| DPO loss | {loss_before:.4} | {:.4} |", after.loss);
         for k in ["margin", "accuracy", "rewards_chosen", "rewards_rejected"] {
@@ -190,12 +200,29 @@ fn dpo_on<B: AutodiffBackend>(
                 m_after.get(k).copied().unwrap_or(f64::NAN)
             );
         }
+        m_before.insert("loss".into(), loss_before);
+        m_after.insert("loss".into(), after.loss);
+        let mean = |f: fn(&PreferencePair) -> f64| {
+            val_set.iter().map(f).sum::<f64>() / val_set.len() as f64
+        };
+        results["before"] = serde_json::json!(m_before);
+        results["after"] = serde_json::json!(m_after);
+        // The reference's own preference: the mean log-probability of each answer.
+        results["reference"] = serde_json::json!({
+            "val_logp_chosen": mean(|p| p.ref_chosen),
+            "val_logp_rejected": mean(|p| p.ref_rejected),
+        });
     }
+    peft_core::format::write_atomic(
+        &r.out.join("results.json"),
+        serde_json::to_string_pretty(&results)?.as_bytes(),
+    )?;
     println!(
-        "wrote {} (adapter), {} and {} in {:.0} s",
+        "wrote {} (adapter), {}, {} and {} in {:.0} s",
         dir.display(),
         r.out.join("metrics.jsonl").display(),
         r.out.join("loss.png").display(),
+        r.out.join("results.json").display(),
         started.elapsed().as_secs_f64()
     );
     Ok(())

@@ -9,12 +9,13 @@ use burn::prelude::Backend;
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
 use peft_core::config::AdapterConfig;
-use peft_core::model::{adapter_names, delete_adapter, set_adapters_disabled};
+use peft_core::model::{merge_and_unload, set_adapters_disabled};
 use peft_core::trainable::{AdapterOnly, freeze, trainable_report};
 use peft_lora::LoraModel;
 use peft_models::CausalLm;
-use peft_models::tokenizer::ChatMessage;
-use peft_rlhf::dpo::token_logps;
+use peft_models::tokenizer::{ChatMessage, Tokenizer};
+use peft_rlhf::data::{answer_suffix, as_trained};
+use peft_rlhf::dpo::token_logps_at;
 use peft_rlhf::grpo::{Grpo, GrpoConfig, ReferenceFn, RewardFn};
 use peft_rlhf::reward::{RewardModel, load_reward_adapter, sequence_rewards};
 use peft_train::TrainError;
@@ -41,6 +42,10 @@ pub struct GrpoArgs {
     /// for the same base model.
     #[arg(long)]
     pub reward_model: PathBuf,
+    /// Adapters the reward model was trained over (its `peft reward --from-adapter`),
+    /// folded into its base before the reward adapter is loaded (repeatable).
+    #[arg(long = "reward-from-adapter")]
+    pub reward_from_adapter: Vec<PathBuf>,
     /// Completions sampled per prompt (TRL's num_generations).
     #[arg(long, default_value_t = 4)]
     pub num_generations: usize,
@@ -122,6 +127,7 @@ pub fn run(a: &GrpoArgs) -> Result<()> {
             a.reward_model.display()
         );
     }
+    check_reward_base(&a.reward_model, &a.reward_from_adapter)?;
     crate::with_backend!(a.device, |B, device| grpo_on::<burn::backend::Autodiff<B>>(
         a, &r, &cfg, &device
     ))
@@ -157,7 +163,14 @@ fn grpo_on<B: AutodiffBackend>(
         cfg.num_generations
     );
     let pad = pad_id(&tok);
-    let reward = reward_fn::<B::InnerBackend>(&r.model, &a.reward_model, pad, device)?;
+    let reward = reward_fn::<B::InnerBackend>(
+        &r.model,
+        &a.reward_from_adapter,
+        &a.reward_model,
+        &tok,
+        pad,
+        device,
+    )?;
     B::seed(device, r.options.seed);
     let model: Lm<B> = load_lm(&r.model, &a.from_adapter, true, device)
         .with_context(|| format!("loading {}", r.model.display()))?;
@@ -177,16 +190,24 @@ fn grpo_on<B: AutodiffBackend>(
     }
 }
 
-/// The reward model (base + reward adapter with its head) as a scoring function.
+/// The reward model (base, with the adapters it was trained over folded in, + reward
+/// adapter with its head) as a scoring function.
+///
+/// A completion that ended is scored as the reward model's training answers end (the chat
+/// template's tokens after an answer in place of the end-of-sequence token), so the reward
+/// is read at the token it was trained to read it at.
 pub(crate) fn reward_fn<B: Backend>(
     model: &Path,
+    base_adapters: &[PathBuf],
     adapter: &Path,
+    tok: &Tokenizer,
     pad: u32,
     device: &B::Device,
 ) -> Result<RewardFn> {
     fn wrap<B: Backend, L: LoraModel<B> + CausalLm<B> + 'static>(
         lm: L,
         adapter: &Path,
+        suffix: Vec<u32>,
         pad: u32,
         device: &B::Device,
     ) -> Result<RewardFn> {
@@ -194,6 +215,7 @@ pub(crate) fn reward_fn<B: Backend>(
             .token_embedding()
             .map(|(_, _, d)| d)
             .context("this model exposes no token embedding")?;
+        let eos = lm.eos_token_ids();
         let mut rm = RewardModel::new(lm, hidden, 0.0, device);
         load_reward_adapter(&mut rm, adapter, "reward", device)
             .with_context(|| format!("loading the reward model {}", adapter.display()))?;
@@ -201,9 +223,13 @@ pub(crate) fn reward_fn<B: Backend>(
         Ok(Box::new(move |samples: &[(Vec<u32>, Vec<u32>)]| {
             let seqs: Vec<Tokenized> = samples
                 .iter()
-                .map(|(p, c)| Tokenized {
-                    ids: p.iter().chain(c).copied().collect(),
-                    trained: vec![false; p.len() + c.len()],
+                .map(|(p, c)| {
+                    let ids = as_trained(p, c, &eos, &suffix);
+                    let n = ids.len();
+                    Tokenized {
+                        ids,
+                        trained: vec![false; n],
+                    }
                 })
                 .collect();
             let refs: Vec<&Tokenized> = seqs.iter().collect();
@@ -214,12 +240,69 @@ pub(crate) fn reward_fn<B: Backend>(
                 .unwrap_or_default()
         }))
     }
-    let base: Lm<B> = load_lm(model, &[], false, device)
+    let suffix = answer_suffix(tok)?;
+    let base: Lm<B> = load_lm(model, base_adapters, true, device)
         .with_context(|| format!("loading {} for the reward model", model.display()))?;
     match base {
-        Lm::Llama(m) => wrap(m, adapter, pad, device),
-        Lm::Gpt2(m) => wrap(m, adapter, pad, device),
+        Lm::Llama(mut m) => {
+            merge_and_unload(&mut m, true)?;
+            wrap(m, adapter, suffix, pad, device)
+        }
+        Lm::Gpt2(mut m) => {
+            merge_and_unload(&mut m, true)?;
+            wrap(m, adapter, suffix, pad, device)
+        }
     }
+}
+
+/// Checks `--reward-from-adapter` against what `peft reward` recorded in the
+/// `results.json` beside the reward adapter (when there is one): a reward head trained over
+/// an SFT adapter scores garbage on the bare base, and nothing else would say so.
+pub(crate) fn check_reward_base(reward_model: &Path, given: &[PathBuf]) -> Result<()> {
+    let Some(results) = reward_model.parent().map(|d| d.join("results.json")) else {
+        return Ok(());
+    };
+    let Ok(text) = std::fs::read_to_string(&results) else {
+        return Ok(());
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(());
+    };
+    let Some(recorded) = v.get("from_adapter").and_then(|a| a.as_array()) else {
+        return Ok(());
+    };
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let recorded: Vec<PathBuf> = recorded
+        .iter()
+        .filter_map(|p| p.as_str().map(PathBuf::from))
+        .collect();
+    let same = recorded.len() == given.len()
+        && recorded
+            .iter()
+            .zip(given)
+            .all(|(a, b)| canon(a) == canon(b));
+    if !same {
+        let list = |ps: &[PathBuf]| {
+            if ps.is_empty() {
+                "none".to_string()
+            } else {
+                ps.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        bail!(
+            "the reward model {} was trained over the adapters [{}] (its --from-adapter, as \
+             {} records), but --reward-from-adapter gives [{}]; pass the same ones so it scores \
+             on the model it was trained on",
+            reward_model.display(),
+            list(&recorded),
+            results.display(),
+            list(given)
+        );
+    }
+    Ok(())
 }
 
 struct Job<'a> {
@@ -242,10 +325,9 @@ impl Job<'_> {
             LoraModel<B::InnerBackend> + CausalLm<B::InnerBackend> + ModuleDisplay + 'static,
     {
         let r = self.r;
-        // Starting adapters are merged into the base; drop them so only the new one trains.
-        for n in adapter_names(&mut lm)? {
-            delete_adapter(&mut lm, &n)?;
-        }
+        // Starting adapters are folded into the weights for good (delete_adapter would unmerge
+        // them), so only the new adapter trains and disabling it gives the merged model.
+        merge_and_unload(&mut lm, true)?;
         let lora = crate::train::lora_fields(r);
         peft_lora::add_adapter_full(&mut lm, "default", &lora, device)?;
         let lm = freeze(lm, &AdapterOnly);
@@ -256,8 +338,8 @@ impl Job<'_> {
             let mut m = lm.valid();
             set_adapters_disabled(&mut m, true)?;
             let (pad, device) = (self.pad, device.clone());
-            Some(Box::new(move |seqs: &[&Tokenized]| {
-                token_logps(&m, seqs, pad, &device)
+            Some(Box::new(move |seqs: &[&Tokenized], temperature: f64| {
+                token_logps_at(&m, seqs, pad, temperature, &device)
                     .0
                     .into_data()
                     .convert::<f32>()

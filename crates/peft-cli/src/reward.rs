@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use burn::module::{AutodiffModule, ModuleDisplay};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Args;
-use peft_core::model::{adapter_names, delete_adapter};
+use peft_core::model::merge_and_unload;
 use peft_core::trainable::{AdapterOnly, freeze, trainable_report};
 use peft_lora::LoraModel;
 use peft_models::CausalLm;
@@ -134,10 +134,9 @@ impl Run<'_> {
     {
         let (a, r) = (self.a, self.r);
         let (train_set, val_set) = self.data;
-        // Starting adapters are merged into the base; drop them so only the new one trains.
-        for n in adapter_names(&mut lm)? {
-            delete_adapter(&mut lm, &n)?;
-        }
+        // Starting adapters are folded into the weights for good (delete_adapter would unmerge
+        // them), so only the new adapter trains and disabling it gives the merged model.
+        merge_and_unload(&mut lm, true)?;
         let lora = crate::train::lora_fields(r);
         peft_lora::add_adapter_full(&mut lm, "default", &lora, device)?;
         let hidden = lm
@@ -191,6 +190,10 @@ impl Run<'_> {
             "before": before.map(|v| v.into_iter().collect::<std::collections::BTreeMap<_, _>>()),
             "after": after.map(|v| v.into_iter().collect::<std::collections::BTreeMap<_, _>>()),
             "steps": done.state.step, "model_step": done.model_step,
+            // `peft ppo` and `peft grpo` check their --reward-from-adapter against this.
+            "from_adapter": a.from_adapter.iter().map(|p| {
+                std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display().to_string()
+            }).collect::<Vec<_>>(),
             "train_seconds": done.state.elapsed_s, "options": r,
         });
         std::fs::write(

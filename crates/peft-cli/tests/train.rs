@@ -276,87 +276,127 @@ fn a_malformed_data_line_is_reported_with_its_line_number() {
     assert!(err.contains("d.jsonl:3:"), "{err}");
 }
 
-#[test]
-fn sft_then_dpo_runs_end_to_end_at_a_tiny_scale() {
-    // The worked example of docs/rlhf.md, shrunk: SFT on 4 examples, then DPO from the
-    // SFT adapter on 4 preference pairs.
-    let Some(model) = smollm2() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let (train, prefs, prefs_val) = (
-        dir.path().join("t.jsonl"),
-        dir.path().join("p.jsonl"),
-        dir.path().join("pv.jsonl"),
-    );
-    demo_lines("train.jsonl", 0..4, &train);
-    demo_lines("preferences.jsonl", 0..4, &prefs);
-    demo_lines("preferences_val.jsonl", 0..2, &prefs_val);
-    let sft = dir.path().join("sft");
-    Command::cargo_bin("peft")
-        .unwrap()
-        .args([
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            train.to_str().unwrap(),
-            "--out",
-            sft.to_str().unwrap(),
-        ])
-        .args([
-            "--max-steps",
-            "1",
-            "--batch-size",
-            "4",
-            "--rank",
-            "4",
-            "--lr",
-            "1e-3",
-            "--val-fraction",
-            "0",
-        ])
-        .assert()
-        .success();
-    let dpo = dir.path().join("dpo");
+/// Runs `peft` with `args`, asserting success; returns its standard output.
+fn peft_ok(args: &[&str]) -> String {
     let out = Command::cargo_bin("peft")
         .unwrap()
-        .args([
-            "dpo",
-            "--model",
-            model.to_str().unwrap(),
-            "--from-adapter",
-            sft.join("adapter").to_str().unwrap(),
-        ])
-        .args([
-            "--data",
-            prefs.to_str().unwrap(),
-            "--val-data",
-            prefs_val.to_str().unwrap(),
-            "--out",
-            dpo.to_str().unwrap(),
-        ])
-        .args([
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "2",
-            "--rank",
-            "4",
-            "--lr",
-            "1e-3",
-            "--beta",
-            "0.1",
-            "--loss-type",
-            "sigmoid",
-        ])
+        .args(args)
         .assert()
         .success();
-    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
-    assert!(stdout.contains("| margin |"), "{stdout}");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dpo.join("metrics.jsonl"))
+    String::from_utf8_lossy(&out.get_output().stdout).to_string()
+}
+
+fn json_file(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn jsonl_file(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+#[test]
+fn sft_then_reward_dpo_and_ppo_run_end_to_end_at_a_tiny_scale() {
+    // The worked example of docs/rlhf.md (`cargo xtask rlhf-demo`), shrunk: SFT on 4
+    // examples, then a reward model, DPO and PPO, each starting from the SFT adapter.
+    let Some(model) = smollm2() else { return };
+    let model = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    demo_lines("train.jsonl", 0..4, Path::new(&p("t.jsonl")));
+    demo_lines("preferences.jsonl", 0..4, Path::new(&p("p.jsonl")));
+    demo_lines("preferences_val.jsonl", 0..2, Path::new(&p("pv.jsonl")));
+    let (sft, sft_adapter) = (p("sft"), p("sft/adapter"));
+    // No warm-up, so that both steps move the adapter (a warm-up step has learning rate 0).
+    peft_ok(&[
+        "train",
+        "--model",
+        model,
+        "--data",
+        &p("t.jsonl"),
+        "--out",
+        &sft,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--rank",
+        "4",
+        "--lr",
+        "5e-3",
+        "--warmup-steps",
+        "0",
+        "--val-fraction",
+        "0",
+    ]);
+
+    // The reward model over the SFT model records what it was trained over.
+    let rm = p("rm");
+    let stdout = peft_ok(&[
+        "reward",
+        "--model",
+        model,
+        "--from-adapter",
+        &sft_adapter,
+        "--data",
+        &p("p.jsonl"),
+        "--val-data",
+        &p("pv.jsonl"),
+        "--out",
+        &rm,
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--rank",
+        "4",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "0",
+    ]);
+    assert!(stdout.contains("| accuracy |"), "{stdout}");
+    let recorded = json_file(&Path::new(&rm).join("results.json"))["from_adapter"].clone();
+    let canonical = std::fs::canonicalize(&sft_adapter).unwrap();
+    assert_eq!(recorded, serde_json::json!([canonical.to_str().unwrap()]));
+
+    // DPO from the SFT adapter: its reference is the SFT model, not the base.
+    let dpo = p("dpo");
+    let stdout = peft_ok(&[
+        "dpo",
+        "--model",
+        model,
+        "--from-adapter",
+        &sft_adapter,
+        "--data",
+        &p("p.jsonl"),
+        "--val-data",
+        &p("pv.jsonl"),
+        "--out",
+        &dpo,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--rank",
+        "4",
+        "--lr",
+        "1e-3",
+        "--beta",
+        "0.1",
+        "--loss-type",
+        "sigmoid",
+    ]);
+    assert!(stdout.contains("| margin |"), "{stdout}");
+    // 2 steps of 2 pairs take all 4 training pairs: no reference pass is skipped.
+    assert!(
+        stdout.contains("reference log-probabilities of 4 training and 2 validation pairs"),
+        "{stdout}"
+    );
+    let lines = jsonl_file(&Path::new(&dpo).join("metrics.jsonl"));
     assert_eq!(lines.len(), 2);
     for l in &lines {
         for k in [
@@ -364,31 +404,151 @@ fn sft_then_dpo_runs_end_to_end_at_a_tiny_scale() {
             "rewards_chosen",
             "rewards_rejected",
             "margin",
-            "tokens_per_s",
+            "accuracy",
         ] {
             assert!(l[k].as_f64().unwrap().is_finite(), "{k} in {l}");
         }
     }
     // The first step starts from a no-op adapter: policy = reference, loss = ln 2.
+    let first = lines[0]["loss"].as_f64().unwrap();
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-3, "{first}");
+    let results = json_file(&Path::new(&dpo).join("results.json"));
+    assert!((results["before"]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-3);
+    assert_eq!(results["before"]["margin"].as_f64().unwrap(), 0.0);
+    assert!(results["after"]["margin"].as_f64().unwrap().is_finite());
     assert!(
-        (lines[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-3,
-        "{}",
-        lines[0]
+        Path::new(&dpo)
+            .join("adapter/adapter_model.safetensors")
+            .exists()
     );
-    assert!(dpo.join("adapter/adapter_model.safetensors").exists());
+    // The reference log-probability of the chosen answers is what `peft eval` gives for
+    // them with the SFT adapter, and differs from the base model's.
+    let chosen = p("chosen.jsonl");
+    let records: String = std::fs::read_to_string(p("pv.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::json!({"prompt": v["prompt"], "completion": v["chosen"]}).to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(&chosen, records).unwrap();
+    let logp = |adapter: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model,
+            "--data",
+            &chosen,
+            "--no-generate",
+            "--json",
+        ];
+        args.extend(adapter);
+        let v: serde_json::Value = serde_json::from_str(&peft_ok(&args)).unwrap();
+        // Mean over the 2 pairs of each answer's summed log-probability.
+        -v["loss"].as_f64().unwrap() * v["targets"].as_f64().unwrap() / 2.0
+    };
+    let (with_sft, base) = (logp(&["--adapter", &sft_adapter, "--merge"]), logp(&[]));
+    let reference = results["reference"]["val_logp_chosen"].as_f64().unwrap();
+    assert!(
+        (reference - with_sft).abs() < 1e-2,
+        "{reference} vs {with_sft}"
+    );
+    assert!(
+        (reference - base).abs() > 0.1,
+        "SFT changed nothing: {reference} vs {base}"
+    );
+
+    // PPO from the SFT adapter, scored by the reward model on the SFT model.
+    let (ppo, rm_adapter, pv) = (p("ppo"), p("rm/adapter"), p("pv.jsonl"));
+    let ppo_args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<&str> = vec![
+            "ppo",
+            "--model",
+            model,
+            "--from-adapter",
+            &sft_adapter,
+            "--reward-model",
+            &rm_adapter,
+            "--data",
+            &pv,
+            "--val-data",
+            &pv,
+            "--out",
+            &ppo,
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--ppo-epochs",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--rank",
+            "4",
+        ];
+        v.extend(extra);
+        v.into_iter().map(String::from).collect()
+    };
+    // Without --reward-from-adapter the reward head would score the bare base: refused.
+    let bad = Command::cargo_bin("peft")
+        .unwrap()
+        .args(ppo_args(&[]))
+        .assert()
+        .failure();
+    let err = String::from_utf8_lossy(&bad.get_output().stderr).to_string();
+    assert!(err.contains("--reward-from-adapter"), "{err}");
+    let stdout = peft_ok(
+        &ppo_args(&["--reward-from-adapter", &sft_adapter])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(stdout.contains("mean reward-model score"), "{stdout}");
+    let lines = jsonl_file(&Path::new(&ppo).join("metrics.jsonl"));
+    assert_eq!(lines.len(), 2);
+    for k in [
+        "objective/kl",
+        "objective/scores",
+        "policy/clipfrac",
+        "loss/value",
+    ] {
+        assert!(
+            lines[0][k].as_f64().unwrap().is_finite(),
+            "{k} in {}",
+            lines[0]
+        );
+    }
+    // A fresh adapter: the first rollout's policy is the reference.
+    assert!(lines[0]["objective/kl"].as_f64().unwrap().abs() < 1e-3);
+    let results = json_file(&Path::new(&ppo).join("results.json"));
+    for when in ["before", "after"] {
+        assert!(
+            results[when]["reward"].as_f64().unwrap().is_finite(),
+            "{results}"
+        );
+        let len = results[when]["completion_length"].as_f64().unwrap();
+        assert!(len > 0.0 && len <= 3.0, "{results}");
+    }
+    assert_eq!(jsonl_file(&Path::new(&ppo).join("answers.jsonl")).len(), 2);
+    assert!(
+        Path::new(&ppo)
+            .join("adapter/adapter_model.safetensors")
+            .exists()
+    );
+
     let bad = Command::cargo_bin("peft")
         .unwrap()
         .args([
             "dpo",
             "--model",
-            model.to_str().unwrap(),
+            model,
             "--data",
-            prefs.to_str().unwrap(),
+            &p("p.jsonl"),
             "--out",
-            dir.path().join("x").to_str().unwrap(),
-            "--loss-type",
-            "nope",
+            &p("x"),
         ])
+        .args(["--loss-type", "nope"])
         .assert()
         .failure();
     assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("unknown DPO loss"));
@@ -473,10 +633,10 @@ fn every_method_trains_a_step_and_writes_its_files() {
 }
 
 #[test]
-fn reward_then_grpo_and_ppo_run_end_to_end_at_a_tiny_scale() {
-    // The reward, GRPO and PPO stages of docs/rlhf.md, shrunk: a reward model from 4
-    // preference pairs in 1 step, then 1 GRPO step on 2 prompts and 2 PPO steps on 1
-    // rollout against it.
+fn reward_then_grpo_run_end_to_end_at_a_tiny_scale() {
+    // The reward and GRPO stages of docs/rlhf.md on the base model, shrunk: a reward model
+    // from 4 preference pairs in 1 step, then 1 GRPO step on 2 prompts against it (PPO is
+    // in the SFT chain above).
     let Some(model) = smollm2() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (prefs, prefs_val) = (dir.path().join("p.jsonl"), dir.path().join("pv.jsonl"));
@@ -608,38 +768,4 @@ fn reward_then_grpo_and_ppo_run_end_to_end_at_a_tiny_scale() {
         .assert()
         .failure();
     assert!(String::from_utf8_lossy(&bad.get_output().stderr).contains("peft reward"));
-    let ppo = dir.path().join("ppo");
-    let out = Command::cargo_bin("peft")
-        .unwrap()
-        .args(["ppo", "--model", model.to_str().unwrap(), "--reward-model"])
-        .arg(out_dir.join("adapter"))
-        .args(["--data", prefs_val.to_str().unwrap(), "--out"])
-        .arg(&ppo)
-        .args(["--max-steps", "2", "--batch-size", "1", "--ppo-epochs", "2"])
-        .args(["--max-new-tokens", "3", "--rank", "4"])
-        .assert()
-        .success();
-    let stdout = String::from_utf8_lossy(&out.get_output().stdout).to_string();
-    assert!(stdout.contains("mean reward-model score"), "{stdout}");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(ppo.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(lines.len(), 2);
-    for k in [
-        "objective/kl",
-        "objective/scores",
-        "policy/clipfrac",
-        "loss/value",
-    ] {
-        assert!(
-            lines[0][k].as_f64().unwrap().is_finite(),
-            "{k} in {}",
-            lines[0]
-        );
-    }
-    // A fresh adapter: the first rollout's policy is the reference.
-    assert!(lines[0]["objective/kl"].as_f64().unwrap().abs() < 1e-3);
-    assert!(ppo.join("adapter/adapter_model.safetensors").exists());
 }

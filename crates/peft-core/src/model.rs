@@ -212,6 +212,70 @@ where
     })
 }
 
+/// Folds the active adapters into the base weights for good and removes every adapter, as
+/// peft's `merge_and_unload` does: afterwards the model computes what it computed with its
+/// active adapters, and holds none. Unlike [`delete_adapter`], which takes a merged adapter
+/// back out of the weights before removing it, this keeps the merged weights, so it cannot
+/// be undone. It is how a new stage starts on top of adapters trained before: a new
+/// adapter added afterwards, when disabled, gives the merged model, not the original base.
+///
+/// # Errors
+/// [`PeftError::Unsupported`] when an adapter sits at a point that does not merge (after a
+/// sublayer, on the embeddings, on the keys and values); the model is then unchanged.
+/// Otherwise as [`merge_adapters`].
+pub fn merge_and_unload<B, M>(model: &mut M, safe: bool) -> Result<()>
+where
+    B: Backend,
+    M: AdaptableModel<B>,
+{
+    let mut unmergeable: Vec<String> = Vec::new();
+    let mut note = |path: &str, names: Vec<String>| {
+        for n in names {
+            unmergeable.push(format!("`{n}` at {path}"));
+        }
+    };
+    model.map_sublayers(&mut |p, s| {
+        note(p, s.adapter_names());
+        Ok(())
+    })?;
+    model.map_embedding(&mut |p, s| {
+        note(p, s.adapter_names());
+        Ok(())
+    })?;
+    model.map_kv(&mut |p, s| {
+        note(p, s.adapter_names());
+        Ok(())
+    })?;
+    if !unmergeable.is_empty() {
+        return Err(PeftError::Unsupported(format!(
+            "cannot fold these adapters into the weights, their method does not merge: {}",
+            unmergeable.join(", ")
+        )));
+    }
+    model.map_linears(&mut |path, l| {
+        let merged = l.adapter.merged_adapters();
+        let wanted: Vec<String> = l
+            .adapter
+            .active_adapters()
+            .into_iter()
+            .filter(|n| !merged.contains(n))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        l.merge(Some(&wanted), safe).map_err(|e| match e {
+            PeftError::Adapter(m) => PeftError::Adapter(format!("{path}: {m}")),
+            other => other,
+        })
+    })?;
+    for name in adapter_names::<B, M>(model)? {
+        for_each_slot::<B, M>(model, &mut |s| {
+            s.remove(&name);
+        })?;
+    }
+    Ok(())
+}
+
 /// Takes every merged adapter back out of every linear layer.
 ///
 /// # Errors

@@ -541,6 +541,63 @@ fn adapters_save_and_load_under_peft_keys<B: AutodiffBackend>(device: &B::Device
     assert_eq!(fresh.forward(x).into_data(), expected.into_data());
 }
 
+fn merge_and_unload_keeps_the_merged_weights_and_removes_the_adapters<B: AutodiffBackend>(
+    device: &B::Device,
+) {
+    let mut net = new_net::<B>(2, device);
+    let x = input::<B>(device);
+    let base = net.forward(x.clone());
+    add_low_rank(&mut net, "sft", Targets::list(["up", "down"]), 2, device).unwrap();
+    let adapted = net.forward(x.clone());
+    assert!(
+        (adapted.clone() - base.clone())
+            .abs()
+            .max()
+            .into_scalar()
+            .elem::<f32>()
+            > 1e-3
+    );
+    // Merged already (as a loader with `merge` leaves it) or not: both fold in once.
+    let mut premerged = net.clone();
+    model::merge_adapters(&mut premerged, None, true).unwrap();
+    for m in [&mut net, &mut premerged] {
+        model::merge_and_unload(m, true).unwrap();
+        assert!(model::adapter_names(m).unwrap().is_empty());
+        assert_close(m.forward(x.clone()), adapted.clone());
+    }
+    // A new adapter on top: disabled, the model is the merged one, not the original base
+    // (delete_adapter would have unmerged "sft" first).
+    add_low_rank(&mut net, "dpo", Targets::list(["up"]), 2, device).unwrap();
+    model::set_adapters_disabled(&mut net, true).unwrap();
+    assert_close(net.forward(x.clone()), adapted.clone());
+    model::set_adapters_disabled(&mut net, false).unwrap();
+    model::delete_adapter(&mut net, "dpo").unwrap();
+    assert_close(net.forward(x.clone()), adapted);
+
+    // A bottleneck after a sublayer does not merge: refused, and nothing changes.
+    let mut with_bn = new_net::<B>(1, device);
+    add_low_rank(&mut with_bn, "a", Targets::list(["up"]), 2, device).unwrap();
+    with_bn
+        .map_sublayers(&mut |_, s| {
+            s.insert(
+                "bn",
+                Bottleneck {
+                    down: LinearConfig::new(D, 2).init(device),
+                    up: LinearConfig::new(2, D).init(device),
+                },
+            )
+        })
+        .unwrap();
+    let before = with_bn.forward(x.clone());
+    let err = model::merge_and_unload(&mut with_bn, true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`bn` at layers.0.mlp_adapter"), "{err}");
+    assert_eq!(model::adapter_names(&mut with_bn).unwrap(), vec!["a", "bn"]);
+    assert!(with_bn.layers[0].up.adapter.merged_adapters().is_empty());
+    assert_eq!(with_bn.forward(x).into_data(), before.into_data());
+}
+
 peft_testing::backend_tests!(
     disabled_adapters_give_the_base_output_bit_for_bit,
     merging_equals_unmerged_and_unmerge_restores_weights,
@@ -548,4 +605,5 @@ peft_testing::backend_tests!(
     named_adapters_switch_and_delete,
     only_adapter_parameters_train,
     adapters_save_and_load_under_peft_keys,
+    merge_and_unload_keeps_the_merged_weights_and_removes_the_adapters,
 );

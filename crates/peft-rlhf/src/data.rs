@@ -115,3 +115,44 @@ pub fn tokenize_reward_pair(
         margin: p.margin.unwrap_or(0.0),
     })
 }
+
+/// The tokens a conversation has after an assistant answer's text, as the chat template
+/// renders it (for ChatML, `<|im_end|>` and a newline); without a chat template, the
+/// end-of-sequence token that [`tokenize_preference`] appends. A reward model trained on
+/// [`tokenize_reward_pair`] read every training reward at the last of these; empty when the
+/// tokenizer knows neither.
+///
+/// # Errors
+/// A template or tokenizer error.
+pub fn answer_suffix(tok: &Tokenizer) -> Result<Vec<u32>> {
+    let eos: Vec<u32> = tok.eos_token_ids().first().copied().into_iter().collect();
+    if tok.chat_template().is_none() {
+        return Ok(eos);
+    }
+    const MARK: &str = "MARK8C1F";
+    let user = ChatMessage::user("x".to_string());
+    let context = tok.apply_chat_template(std::slice::from_ref(&user), true)?;
+    let full = tok.apply_chat_template(&[user, ChatMessage::assistant(MARK.to_string())], false)?;
+    // A template that rewrites the answer text gives no suffix to find: fall back to the
+    // end-of-sequence token.
+    match full
+        .strip_prefix(context.as_str())
+        .and_then(|a| a.strip_prefix(MARK))
+    {
+        Some(tail) if !tail.is_empty() => Ok(tok.encode(tail, false)?),
+        _ => Ok(eos),
+    }
+}
+
+/// A sampled completion of `prompt` as the reward model's training answers end: when its
+/// last token is an end-of-sequence token (one of `eos`), that token gives way to
+/// `suffix` ([`answer_suffix`]), so the reward is read where training read it. A
+/// completion cut at the length limit is kept as it is.
+pub fn as_trained(prompt: &[u32], completion: &[u32], eos: &[u32], suffix: &[u32]) -> Vec<u32> {
+    let mut ids: Vec<u32> = prompt.iter().chain(completion).copied().collect();
+    if !suffix.is_empty() && completion.last().is_some_and(|t| eos.contains(t)) {
+        ids.pop();
+        ids.extend_from_slice(suffix);
+    }
+    ids
+}

@@ -143,6 +143,20 @@ pub fn token_logps<B: Backend, M: CausalLm<B>>(
     pad: u32,
     device: &B::Device,
 ) -> (Tensor<B, 1>, Vec<usize>) {
+    token_logps_at(model, seqs, pad, 1.0, device)
+}
+
+/// As [`token_logps`], of the distribution sampling at `temperature` draws from
+/// (`log_softmax(logits / temperature)`), as TRL's PPO and GRPO trainers take them: with
+/// completions sampled at that temperature, the ratios and KL estimates are then about the
+/// distribution they came from.
+pub fn token_logps_at<B: Backend, M: CausalLm<B>>(
+    model: &M,
+    seqs: &[&Tokenized],
+    pad: u32,
+    temperature: f64,
+    device: &B::Device,
+) -> (Tensor<B, 1>, Vec<usize>) {
     let batch = Batch::new(seqs, pad);
     let (b, len) = (batch.ids.len(), batch.len);
     let n = batch.positions.len();
@@ -160,12 +174,13 @@ pub fn token_logps<B: Backend, M: CausalLm<B>>(
     let tg: Vec<i32> = batch.targets.iter().map(|&t| t as i32).collect();
     let tg = Tensor::<B, 1, Int>::from_data(TensorData::new(tg, [n]), device).unsqueeze_dim(1);
     let owner = batch.positions.iter().map(|&p| p / len).collect();
-    (
-        log_softmax(logits.reshape([n, v]), 1)
-            .gather(1, tg)
-            .reshape([n]),
-        owner,
-    )
+    let logits = logits.reshape([n, v]);
+    let logits = if temperature == 1.0 {
+        logits
+    } else {
+        logits / temperature
+    };
+    (log_softmax(logits, 1).gather(1, tg).reshape([n]), owner)
 }
 
 /// The summed log-probability of each sequence's target tokens (`[sequences]`), and their
@@ -232,6 +247,42 @@ pub fn reference_logps<B: Backend, M: CausalLm<B>>(
             p.ref_rejected = f64::from(lp[k + i]);
         }
     }
+}
+
+/// As [`reference_logps`], for the pairs at `indices` only (repeats allowed), batched by
+/// length so that little padding is computed. Every other pair's log-probabilities become
+/// NaN, so a loss that reaches one fails loudly instead of training on a made-up
+/// reference. With `peft_train`'s `TrainOptions::examples_used` as `indices`, a run
+/// shorter than an epoch skips the pairs it never sees. Returns how many pairs it
+/// computed.
+pub fn reference_logps_of<B: Backend, M: CausalLm<B>>(
+    reference: &M,
+    pairs: &mut [PreferencePair],
+    indices: &[usize],
+    batch_size: usize,
+    pad: u32,
+    device: &B::Device,
+) -> usize {
+    let mut wanted: Vec<usize> = indices
+        .iter()
+        .copied()
+        .filter(|&i| i < pairs.len())
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    // A batch pads every sequence to its longest, chosen and rejected alike.
+    wanted.sort_by_key(|&i| pairs[i].chosen.ids.len().max(pairs[i].rejected.ids.len()));
+    let mut subset: Vec<PreferencePair> = wanted.iter().map(|&i| pairs[i].clone()).collect();
+    reference_logps(reference, &mut subset, batch_size, pad, device);
+    for p in pairs.iter_mut() {
+        p.ref_chosen = f64::NAN;
+        p.ref_rejected = f64::NAN;
+    }
+    for (&i, p) in wanted.iter().zip(subset) {
+        pairs[i].ref_chosen = p.ref_chosen;
+        pairs[i].ref_rejected = p.ref_rejected;
+    }
+    wanted.len()
 }
 
 #[derive(Debug, Default, Clone, Copy)]

@@ -19,7 +19,7 @@ use peft_train::data::Tokenized;
 use peft_train::trainer::Objective;
 use serde::{Deserialize, Serialize};
 
-use crate::dpo::token_logps;
+use crate::dpo::token_logps_at;
 
 /// How rewards are scaled into advantages (TRL's `scale_rewards`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -268,8 +268,9 @@ pub type Sample = (Vec<u32>, Vec<u32>);
 pub type RewardFn = Box<dyn Fn(&[Sample]) -> Vec<f32>>;
 
 /// Per-token log-probabilities of the completion tokens of sequences under the reference
-/// (flat, in [`token_logps`]'s order).
-pub type ReferenceFn = Box<dyn Fn(&[&Tokenized]) -> Vec<f32>>;
+/// (flat, in [`token_logps`](crate::dpo::token_logps)'s order) at the given sampling
+/// temperature (see [`crate::dpo::token_logps_at`]).
+pub type ReferenceFn = Box<dyn Fn(&[&Tokenized], f64) -> Vec<f32>>;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Sums {
@@ -407,7 +408,7 @@ impl Objective for Grpo {
             })
             .collect();
         let refs: Vec<&Tokenized> = seqs.iter().collect();
-        let (logp, owner) = token_logps(model, &refs, self.pad, device);
+        let (logp, owner) = token_logps_at(model, &refs, self.pad, self.config.temperature, device);
         let n = owner.len();
         {
             let mut s = self.sums.borrow_mut();
@@ -437,7 +438,11 @@ impl Objective for Grpo {
             .collect();
         let row = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [n]), device);
         let reference = (self.config.beta > 0.0)
-            .then(|| self.reference.as_ref().map(|f| f(&refs)))
+            .then(|| {
+                self.reference
+                    .as_ref()
+                    .map(|f| f(&refs, self.config.temperature))
+            })
             .flatten()
             .filter(|r| r.len() == n)
             .map(|r| row(r).unsqueeze::<2>());

@@ -256,11 +256,14 @@ impl<B: Backend, L: CausalLm<B>> CausalLm<B> for PolicyWithValue<B, L> {
 
 /// Log-probabilities and values at every target token of `seqs` (`[targets]` each, sequence
 /// by sequence), from a model whose last logit column is the value
-/// ([`PolicyWithValue`]), with the sequence each token belongs to.
+/// ([`PolicyWithValue`]), with the sequence each token belongs to. The log-probabilities
+/// are those of sampling at `temperature` (`log_softmax(logits / temperature)`), as TRL's
+/// `PPOTrainer` takes them for the rollouts, the reference and the updates alike.
 pub fn policy_terms<B: Backend, M: CausalLm<B>>(
     model: &M,
     seqs: &[&Tokenized],
     pad: u32,
+    temperature: f64,
     device: &B::Device,
 ) -> (Tensor<B, 1>, Tensor<B, 1>, Vec<usize>) {
     let batch = Batch::new(seqs, pad);
@@ -283,6 +286,11 @@ pub fn policy_terms<B: Backend, M: CausalLm<B>>(
     let w = out.dims()[2];
     let out = out.reshape([n, w]);
     let logits = out.clone().slice([0..n, 0..w - 1]);
+    let logits = if temperature == 1.0 {
+        logits
+    } else {
+        logits / temperature
+    };
     let values = out.slice([0..n, w - 1..w]).reshape([n]);
     let tg: Vec<i32> = batch.targets.iter().map(|&t| t as i32).collect();
     let tg = Tensor::<B, 1, Int>::from_data(TensorData::new(tg, [n]), device).unsqueeze_dim(1);
@@ -522,7 +530,8 @@ impl Ppo {
             })
             .collect();
         let refs: Vec<&Tokenized> = seqs.iter().collect();
-        let (logp, values, owner) = policy_terms(model, &refs, self.pad, device);
+        let (logp, values, owner) =
+            policy_terms(model, &refs, self.pad, self.config.temperature, device);
         let vec = |t: Tensor<B, 1>| -> Vec<f32> {
             t.detach()
                 .into_data()
@@ -534,7 +543,7 @@ impl Ppo {
         let ref_logp = self
             .reference
             .as_ref()
-            .map(|f| f(&refs))
+            .map(|f| f(&refs, self.config.temperature))
             .filter(|r| r.len() == old_logp.len())
             .unwrap_or_else(|| old_logp.clone());
         // Lay the flat tokens out as [sequences, t] for the per-sequence computations.
@@ -640,7 +649,8 @@ impl Objective for Ppo {
         };
         ro.uses += 1;
         let refs: Vec<&Tokenized> = ro.seqs.iter().collect();
-        let (logp, vpred, owner) = policy_terms(model, &refs, self.pad, device);
+        let (logp, vpred, owner) =
+            policy_terms(model, &refs, self.pad, self.config.temperature, device);
         let n = owner.len();
         if n == 0 || n != ro.old_logp.len() {
             return Tensor::zeros([1], device);

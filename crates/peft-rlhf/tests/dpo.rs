@@ -13,7 +13,8 @@ use peft_core::trainable::{AdapterOnly, freeze};
 use peft_lora::{LoraLlama, add_adapter};
 use peft_models::{CausalLm, ForwardInput};
 use peft_rlhf::dpo::{
-    Dpo, DpoConfig, DpoLossType, PreferencePair, dpo_loss, reference_logps, sequence_logps,
+    Dpo, DpoConfig, DpoLossType, PreferencePair, dpo_loss, reference_logps, reference_logps_of,
+    sequence_logps,
 };
 use peft_train::data::Tokenized;
 use peft_train::metrics::{METRICS_FILE, read};
@@ -159,6 +160,36 @@ fn sequence_logps_sum_the_completion_tokens() {
             .unwrap();
         let want: f32 = (4..8).map(|i| all[(i - 1) * v + s.ids[i] as usize]).sum();
         assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+    }
+}
+
+#[test]
+fn reference_logps_of_a_subset_match_the_full_pass_and_leave_the_rest_nan() {
+    let d = Default::default();
+    let mut m = model(3);
+    set_adapters_disabled(&mut m, true).unwrap();
+    // Completions of 1 to 4 tokens, so the length-sorted batches differ from the file's.
+    let mut data = pairs(10);
+    for (i, p) in data.iter_mut().enumerate() {
+        for s in [&mut p.chosen, &mut p.rejected] {
+            let keep = 5 + (i * 7 + s.ids[0] as usize) % 4;
+            s.ids.truncate(keep);
+            s.trained.truncate(keep);
+        }
+    }
+    let mut full = data.clone();
+    reference_logps(&m, &mut full, 3, 0, &d);
+    let mut some = data;
+    let computed = reference_logps_of(&m, &mut some, &[7, 2, 2, 5, 0], 3, 0, &d);
+    assert_eq!(computed, 4);
+    for (i, (f, s)) in full.iter().zip(&some).enumerate() {
+        if [0, 2, 5, 7].contains(&i) {
+            assert!((f.ref_chosen - s.ref_chosen).abs() < 1e-4, "pair {i}");
+            assert!((f.ref_rejected - s.ref_rejected).abs() < 1e-4, "pair {i}");
+            assert!(f.ref_chosen < 0.0 && f.ref_rejected < 0.0, "pair {i}");
+        } else {
+            assert!(s.ref_chosen.is_nan() && s.ref_rejected.is_nan(), "pair {i}");
+        }
     }
 }
 

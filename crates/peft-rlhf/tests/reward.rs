@@ -281,3 +281,44 @@ fn training_the_adapter_and_head_ranks_the_pairs() {
     let head: Vec<f32> = done.model.score_weight().into_data().to_vec().unwrap();
     assert!(head.iter().any(|w| w.abs() > 0.05), "head {head:?}");
 }
+
+#[test]
+fn a_finished_sample_is_scored_where_the_training_answers_were() {
+    use peft_models::tokenizer::ChatMessage;
+    use peft_rlhf::data::{Preference, answer_suffix, as_trained, tokenize_reward_pair};
+    use peft_train::data::{RenderOptions, prompt_ids};
+
+    let path = peft_models::smollm2_gguf_path();
+    if !path.exists() {
+        println!(
+            "skipped: {} not found (cargo xtask fetch-model smollm2)",
+            path.display()
+        );
+        return;
+    }
+    let tok = peft_models::gguf_model::load_tokenizer(&path).unwrap();
+    let p = Preference {
+        prompt: "Extract the name. Sentence: Ana is 30.".into(),
+        chosen: "{\"name\": \"Ana\"}".into(),
+        rejected: "The name is Ana.".into(),
+        margin: None,
+    };
+    let opts = RenderOptions {
+        completion_only: true,
+        system: None,
+    };
+    let trained = tokenize_reward_pair(&tok, &p, &opts).unwrap().chosen.ids;
+    let prompt = prompt_ids(&tok, &[ChatMessage::user(p.prompt.clone())], &opts).unwrap();
+    let eos = tok.eos_token_ids().to_vec();
+    // What sampling gives for the same answer: its tokens, then an end-of-sequence token.
+    let mut sampled = tok.encode(&p.chosen, false).unwrap();
+    sampled.push(eos[0]);
+    let plain: Vec<u32> = prompt.iter().chain(&sampled).copied().collect();
+    assert_ne!(plain, trained, "the template adds nothing after the answer");
+    let suffix = answer_suffix(&tok).unwrap();
+    assert_eq!(as_trained(&prompt, &sampled, &eos, &suffix), trained);
+    // A completion cut at the length limit is left as it is.
+    let cut = &sampled[..2];
+    let kept: Vec<u32> = prompt.iter().chain(cut).copied().collect();
+    assert_eq!(as_trained(&prompt, cut, &eos, &suffix), kept);
+}

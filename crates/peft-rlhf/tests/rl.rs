@@ -253,6 +253,64 @@ fn low_mass(m: &LoraLlama<B>, prompts: &[Vec<u32>]) -> f64 {
 }
 
 #[test]
+fn log_probabilities_are_those_of_the_sampling_temperature() {
+    use peft_models::{CausalLm, ForwardInput};
+    use peft_rlhf::dpo::token_logps_at;
+    use peft_rlhf::ppo::{PolicyWithValue, policy_terms};
+    use peft_train::data::Tokenized;
+
+    let d = Default::default();
+    let lm = policy(9);
+    // One sequence, the last 3 of its 5 tokens are the completion.
+    let seq = Tokenized {
+        ids: vec![1, 17, 30, 5, 44],
+        trained: vec![false, false, true, true, true],
+    };
+    let x = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1, 17, 30, 5, 44], [1, 5]), &d);
+    let logits = lm.forward(ForwardInput::new(x), None);
+    let v = logits.dims()[2];
+    let want = |t: f32| -> Vec<f32> {
+        let lp: Vec<f32> =
+            burn::tensor::activation::log_softmax(logits.clone().reshape([5, v]) / t, 1)
+                .into_data()
+                .to_vec()
+                .unwrap();
+        (2..5)
+            .map(|i| lp[(i - 1) * v + seq.ids[i] as usize])
+            .collect()
+    };
+    let got = |t: f64| -> Vec<f32> {
+        token_logps_at(&lm, &[&seq], 0, t, &d)
+            .0
+            .into_data()
+            .to_vec()
+            .unwrap()
+    };
+    close(&got(1.0), &want(1.0), 1e-5, "T = 1");
+    close(&got(0.5), &want(0.5), 1e-5, "T = 0.5");
+    assert!(
+        (got(0.5)[0] - got(1.0)[0]).abs() > 1e-3,
+        "the temperature did nothing"
+    );
+    // The policy with a value head: the same log-probabilities, values untouched.
+    let pv = PolicyWithValue::new(lm, 32, 0.02, &d);
+    let (lp_cold, v_cold, _) = policy_terms(&pv, &[&seq], 0, 0.5, &d);
+    let (_, v_warm, _) = policy_terms(&pv, &[&seq], 0, 1.0, &d);
+    close(
+        &lp_cold.into_data().to_vec().unwrap(),
+        &want(0.5),
+        1e-5,
+        "policy T = 0.5",
+    );
+    close(
+        &v_cold.into_data().to_vec().unwrap(),
+        &v_warm.into_data().to_vec().unwrap(),
+        1e-6,
+        "values",
+    );
+}
+
+#[test]
 fn grpo_trains_a_tiny_policy_towards_the_rewarded_token() {
     // The reward is the share of completion tokens below 64 (a quarter of the vocabulary
     // at the start): the policy should learn to prefer them.
@@ -315,7 +373,7 @@ fn grpo_trains_a_tiny_policy_towards_the_rewarded_token() {
 fn ppo_with_a_value_head_trains_a_tiny_policy_towards_the_rewarded_tokens() {
     use burn::module::AutodiffModule;
     use peft_core::model::set_adapters_disabled;
-    use peft_rlhf::dpo::token_logps;
+    use peft_rlhf::dpo::token_logps_at;
     use peft_rlhf::ppo::{PolicyWithValue, Ppo, PpoConfig};
     use peft_train::data::Tokenized;
 
@@ -329,8 +387,8 @@ fn ppo_with_a_value_head_trains_a_tiny_policy_towards_the_rewarded_tokens() {
     // The reference: the same weights with the adapter disabled.
     let mut reference = lm.valid();
     set_adapters_disabled(&mut reference, true).unwrap();
-    let reference = Box::new(move |seqs: &[&Tokenized]| {
-        token_logps(&reference, seqs, 0, &Default::default())
+    let reference = Box::new(move |seqs: &[&Tokenized], temperature: f64| {
+        token_logps_at(&reference, seqs, 0, temperature, &Default::default())
             .0
             .into_data()
             .to_vec::<f32>()

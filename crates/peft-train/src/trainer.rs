@@ -213,6 +213,21 @@ impl TrainOptions {
         })
     }
 
+    /// The indices of the training examples a run over `n` of them takes, in the order the
+    /// loop takes them: `batch_size * grad_accum` per step for every step, each epoch in its
+    /// own shuffled order. Work that only these examples need (DPO's reference
+    /// log-probabilities, say, when the run is shorter than an epoch) can skip the others.
+    pub fn examples_used(&self, n: usize) -> Vec<usize> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let per_step = self.batch_size * self.grad_accum;
+        let mut order = EpochOrder::new(self.seed, n);
+        (0..self.total_steps(n) * per_step)
+            .map(|k| order.index(k))
+            .collect()
+    }
+
     /// The options that must not change between a run and its resumption, as text.
     fn fingerprint(&self, n_train: usize, n_val: usize) -> String {
         serde_json::json!({
@@ -285,6 +300,35 @@ pub fn evaluate_loss<B: Backend, M: CausalLm<B>, O: Objective>(
         loss,
         perplexity: loss.exp(),
         targets,
+    }
+}
+
+/// Which training example the loop takes `k`-th: epoch `k / n` visits the examples in the
+/// order its own seed shuffles them to.
+struct EpochOrder {
+    seed: u64,
+    n: usize,
+    epoch: usize,
+    order: Vec<usize>,
+}
+
+impl EpochOrder {
+    fn new(seed: u64, n: usize) -> Self {
+        Self {
+            seed,
+            n,
+            epoch: usize::MAX,
+            order: Vec::new(),
+        }
+    }
+
+    fn index(&mut self, k: usize) -> usize {
+        let epoch = k / self.n;
+        if epoch != self.epoch {
+            self.order = shuffled(self.n, self.seed.wrapping_add(epoch as u64));
+            self.epoch = epoch;
+        }
+        self.order[k % self.n]
     }
 }
 
@@ -397,8 +441,7 @@ where
     let mut metrics = MetricsWriter::open(out, state.step)?;
     let bar = progress_bar(opts.progress, total, state.step);
     let per_step = opts.batch_size * opts.grad_accum;
-    let mut order_epoch = usize::MAX;
-    let mut order: Vec<usize> = Vec::new();
+    let mut order = EpochOrder::new(opts.seed, n);
     let mut stopped_early = false;
     let run_start = Instant::now();
     let elapsed_before = state.elapsed_s;
@@ -412,12 +455,7 @@ where
         );
         let mut picked: Vec<&O::Example> = Vec::with_capacity(per_step);
         for k in state.consumed..state.consumed + per_step {
-            let epoch = k / n;
-            if epoch != order_epoch {
-                order = shuffled(n, opts.seed.wrapping_add(epoch as u64));
-                order_epoch = epoch;
-            }
-            picked.push(&train[order[k % n]]);
+            picked.push(&train[order.index(k)]);
         }
         let step_targets: usize = picked.iter().map(|e| objective.targets(e)).sum();
         let step_tokens: usize = picked.iter().map(|e| objective.tokens(e)).sum();

@@ -348,6 +348,84 @@ impl<O: Objective> Objective for NanFrom<O> {
     }
 }
 
+/// Wraps an objective and records the examples of every loss call.
+struct Record<O: Objective> {
+    inner: O,
+    seen: std::cell::RefCell<Vec<O::Example>>,
+}
+
+impl<O: Objective> Objective for Record<O>
+where
+    O::Example: Clone,
+{
+    type Example = O::Example;
+    fn loss<B2: Backend, M: CausalLm<B2>>(
+        &self,
+        model: &M,
+        ex: &[&O::Example],
+        device: &B2::Device,
+    ) -> Tensor<B2, 1> {
+        self.seen
+            .borrow_mut()
+            .extend(ex.iter().map(|e| (*e).clone()));
+        self.inner.loss(model, ex, device)
+    }
+    fn targets(&self, e: &O::Example) -> usize {
+        self.inner.targets(e)
+    }
+    fn tokens(&self, e: &O::Example) -> usize {
+        self.inner.tokens(e)
+    }
+}
+
+#[test]
+fn examples_used_names_the_examples_the_loop_takes_in_order() {
+    let _serial = serial();
+    let device = Default::default();
+    let vocab = model(0).vocab_size() as u32;
+    // 7 examples, 4 per step, 5 steps: two whole epochs, each in its own order, and part
+    // of a third.
+    let data = examples(7, 5, 2, vocab);
+    let opts = TrainOptions {
+        max_steps: Some(5),
+        save_every: None,
+        eval_every: None,
+        ..options()
+    };
+    let used = opts.examples_used(data.len());
+    assert_eq!(used.len(), 20);
+    assert_ne!(used[..7], used[7..14], "both epochs in one order");
+    for epoch in [&used[..7], &used[7..14]] {
+        let mut sorted = epoch.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..7).collect::<Vec<_>>());
+    }
+    let obj = Record {
+        inner: TokenCrossEntropy { pad: 0 },
+        seen: std::cell::RefCell::new(Vec::new()),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    train(
+        model(4),
+        &obj,
+        &data,
+        &[],
+        &opts,
+        dir.path(),
+        false,
+        &device,
+    )
+    .unwrap();
+    let expected: Vec<Tokenized> = used.iter().map(|&i| data[i].clone()).collect();
+    assert_eq!(obj.seen.into_inner(), expected);
+    // A run shorter than an epoch leaves some examples out.
+    let short = TrainOptions {
+        max_steps: Some(1),
+        ..opts
+    };
+    assert_eq!(short.examples_used(data.len()), used[..4]);
+}
+
 #[test]
 fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let _serial = serial();
