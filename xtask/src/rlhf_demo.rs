@@ -146,23 +146,17 @@ pub fn rlhf_demo(args: &[String]) -> Result<()> {
     cmd.extend(owned(SFT));
     stages.push(stage("sft", &peft, with_device(cmd), &out)?);
 
-    // 2. The reward model, over the SFT model.
-    let mut cmd = owned(&["reward", "--model", "smollm2", "--from-adapter"]);
-    cmd.push(sft_adapter.clone());
-    cmd.extend(["--data".into(), prefs.clone()]);
-    cmd.extend(["--val-data".into(), prefs_val.clone()]);
-    cmd.extend(["--out".into(), s(&out.join("rm"))]);
-    cmd.extend(owned(REWARD));
-    stages.push(stage("rm", &peft, with_device(cmd), &out)?);
-
-    // 3. DPO from the SFT adapter: the SFT model is the reference.
-    let mut cmd = owned(&["dpo", "--model", "smollm2", "--from-adapter"]);
-    cmd.push(sft_adapter.clone());
-    cmd.extend(["--data".into(), prefs.clone()]);
-    cmd.extend(["--val-data".into(), prefs_val.clone()]);
-    cmd.extend(["--out".into(), s(&out.join("dpo"))]);
-    cmd.extend(owned(DPO));
-    stages.push(stage("dpo", &peft, with_device(cmd), &out)?);
+    // 2. The reward model, over the SFT model; 3. DPO from the SFT adapter (the SFT model
+    // is the reference). Both train on the preference pairs.
+    for (name, command, flags) in [("rm", "reward", REWARD), ("dpo", "dpo", DPO)] {
+        let mut cmd = owned(&[command, "--model", "smollm2", "--from-adapter"]);
+        cmd.push(sft_adapter.clone());
+        cmd.extend(["--data".into(), prefs.clone()]);
+        cmd.extend(["--val-data".into(), prefs_val.clone()]);
+        cmd.extend(["--out".into(), s(&out.join(name))]);
+        cmd.extend(owned(flags));
+        stages.push(stage(name, &peft, with_device(cmd), &out)?);
+    }
 
     // 4. PPO from the SFT adapter against the reward model (which was trained over it).
     let mut cmd = owned(&["ppo", "--model", "smollm2", "--from-adapter"]);
