@@ -82,6 +82,22 @@ struct PromptLine {
     prompt: String,
 }
 
+/// Each prompt as a user turn rendered with the chat template, cut to `--seq-len` tokens.
+pub(crate) fn prompts_as_ids(
+    tok: &Tokenizer,
+    prompts: Vec<String>,
+    r: &Resolved,
+) -> Result<Vec<Vec<u32>>> {
+    prompts
+        .into_iter()
+        .map(|p| {
+            let mut ids = prompt_ids(tok, &[ChatMessage::user(p)], &r.render)?;
+            ids.truncate(r.seq_len);
+            Ok(ids)
+        })
+        .collect()
+}
+
 pub(crate) fn read_prompts(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("read", path, e))?;
     let mut out = Vec::new();
@@ -120,14 +136,7 @@ pub fn run(a: &GrpoArgs) -> Result<()> {
         seed: r.options.seed,
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
-    if !a.reward_model.join("adapter_config.json").exists() {
-        bail!(
-            "--reward-model {}: no adapter_config.json there (give the adapter directory that \
-             `peft reward` wrote, <out>/adapter)",
-            a.reward_model.display()
-        );
-    }
-    check_reward_base(&a.reward_model, &a.reward_from_adapter)?;
+    check_reward_model(&a.reward_model, &a.reward_from_adapter)?;
     crate::with_backend!(a.device, |B, device| grpo_on::<burn::backend::Autodiff<B>>(
         a, &r, &cfg, &device
     ))
@@ -141,15 +150,7 @@ fn grpo_on<B: AutodiffBackend>(
 ) -> Result<()> {
     let started = std::time::Instant::now();
     let tok = load_tokenizer(&r.model)?;
-    let to_ids = |ps: Vec<String>| -> Result<Vec<Vec<u32>>> {
-        ps.into_iter()
-            .map(|p| {
-                let mut ids = prompt_ids(&tok, &[ChatMessage::user(p)], &r.render)?;
-                ids.truncate(r.seq_len);
-                Ok(ids)
-            })
-            .collect()
-    };
+    let to_ids = |ps: Vec<String>| prompts_as_ids(&tok, ps, r);
     let prompts = read_prompts(&r.data)?;
     let (train_p, val_p) = match &r.val_data {
         Some(v) => (prompts, read_prompts(v)?),
@@ -255,10 +256,18 @@ pub(crate) fn reward_fn<B: Backend>(
     }
 }
 
-/// Checks `--reward-from-adapter` against what `peft reward` recorded in the
-/// `results.json` beside the reward adapter (when there is one): a reward head trained over
-/// an SFT adapter scores garbage on the bare base, and nothing else would say so.
-pub(crate) fn check_reward_base(reward_model: &Path, given: &[PathBuf]) -> Result<()> {
+/// Checks `--reward-model`: that it is an adapter directory, and `--reward-from-adapter`
+/// against what `peft reward` recorded in the `results.json` beside the reward adapter (when
+/// there is one): a reward head trained over an SFT adapter scores garbage on the bare base,
+/// and nothing else would say so.
+pub(crate) fn check_reward_model(reward_model: &Path, given: &[PathBuf]) -> Result<()> {
+    if !reward_model.join("adapter_config.json").exists() {
+        bail!(
+            "--reward-model {}: no adapter_config.json there (give the adapter directory that \
+             `peft reward` wrote, <out>/adapter)",
+            reward_model.display()
+        );
+    }
     let Some(results) = reward_model.parent().map(|d| d.join("results.json")) else {
         return Ok(());
     };

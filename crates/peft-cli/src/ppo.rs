@@ -14,14 +14,14 @@ use peft_core::trainable::{AdapterOnly, freeze, trainable_report};
 use peft_lora::LoraModel;
 use peft_models::CausalLm;
 use peft_models::generate::greedy_batch;
-use peft_models::tokenizer::{ChatMessage, Tokenizer};
+use peft_models::tokenizer::Tokenizer;
 use peft_rlhf::dpo::token_logps_at;
 use peft_rlhf::grpo::{ReferenceFn, RewardFn, Sample};
 use peft_rlhf::ppo::{KlEstimator, PolicyWithValue, Ppo, PpoConfig};
-use peft_train::data::{Tokenized, prompt_ids};
+use peft_train::data::Tokenized;
 use peft_train::trainer::train;
 
-use crate::grpo::{check_reward_base, read_prompts, reward_fn};
+use crate::grpo::{check_reward_model, prompts_as_ids, read_prompts, reward_fn};
 use crate::models::{Device, Lm, load_lm, load_tokenizer};
 use crate::train::{Method, Resolved, TrainSettings, pad_id};
 
@@ -110,14 +110,7 @@ pub fn run(a: &PpoArgs) -> Result<()> {
         seed: r.options.seed,
     };
     cfg.validate().map_err(anyhow::Error::msg)?;
-    if !a.reward_model.join("adapter_config.json").exists() {
-        bail!(
-            "--reward-model {}: no adapter_config.json there (give the adapter directory that \
-             `peft reward` wrote, <out>/adapter)",
-            a.reward_model.display()
-        );
-    }
-    check_reward_base(&a.reward_model, &a.reward_from_adapter)?;
+    check_reward_model(&a.reward_model, &a.reward_from_adapter)?;
     crate::with_backend!(a.device, |B, device| ppo_on::<burn::backend::Autodiff<B>>(
         a, &r, &cfg, &device
     ))
@@ -131,15 +124,7 @@ fn ppo_on<B: AutodiffBackend>(
 ) -> Result<()> {
     let started = std::time::Instant::now();
     let tok = load_tokenizer(&r.model)?;
-    let to_ids = |ps: Vec<String>| -> Result<Vec<Vec<u32>>> {
-        ps.into_iter()
-            .map(|p| {
-                let mut ids = prompt_ids(&tok, &[ChatMessage::user(p)], &r.render)?;
-                ids.truncate(r.seq_len);
-                Ok(ids)
-            })
-            .collect()
-    };
+    let to_ids = |ps: Vec<String>| prompts_as_ids(&tok, ps, r);
     let prompts = to_ids(read_prompts(&r.data)?)?;
     // Validation prompts: their greedy answers are scored before and after (no split of
     // --data otherwise: every prompt there is for rollouts).
