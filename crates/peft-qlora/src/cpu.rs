@@ -180,6 +180,16 @@ impl Parts {
 }
 
 impl HostWeight<'_> {
+    /// Writes block `b`'s values (scaled by its absmax) into `dst`, at most one block long.
+    fn decode_block(&self, b: usize, dst: &mut [f32]) {
+        let lut = self.table.map(|v| v * self.absmax.get(b));
+        decode(
+            &lut,
+            &self.words[b * self.bs / 8..(b + 1) * self.bs / 8],
+            dst,
+        );
+    }
+
     /// The f32 weight, row-major `[out, in]`.
     fn dequantize(&self) -> Vec<f32> {
         let mut dst = vec![0.0f32; self.out * self.inp];
@@ -196,10 +206,7 @@ impl HostWeight<'_> {
         dst.par_chunks_mut(chunk).enumerate().for_each(|(c, d)| {
             let first_block = (start + c * chunk) / self.bs;
             for (k, block) in d.chunks_mut(self.bs).enumerate() {
-                let b = first_block + k;
-                let lut = self.table.map(|v| v * self.absmax.get(b));
-                let words = &self.words[b * self.bs / 8..(b + 1) * self.bs / 8];
-                decode(&lut, words, block);
+                self.decode_block(first_block + k, block);
             }
         });
     }
@@ -307,13 +314,7 @@ impl HostWeight<'_> {
                 for (r, row) in d.chunks_mut(k).enumerate() {
                     let o = c * rows_per_task + r;
                     for (j, block) in row.chunks_mut(self.bs).enumerate() {
-                        let b = o * per_row + k0 / self.bs + j;
-                        let lut = self.table.map(|v| v * self.absmax.get(b));
-                        decode(
-                            &lut,
-                            &self.words[b * self.bs / 8..(b + 1) * self.bs / 8],
-                            block,
-                        );
+                        self.decode_block(o * per_row + k0 / self.bs + j, block);
                     }
                 }
             });
@@ -348,7 +349,7 @@ impl HostWeight<'_> {
     /// is whole blocks.
     fn fused_linear(&self, x: &[f32], rows: usize) -> Vec<f32> {
         #[cfg(target_arch = "x86_64")]
-        let deinterleaved = simd::available().then(|| simd::deinterleave(x));
+        let deinterleaved = simd_enabled().then(|| simd::deinterleave(x));
         #[cfg(target_arch = "x86_64")]
         let x = deinterleaved.as_deref().unwrap_or(x);
         let mut yt = vec![0.0f32; self.out * rows];
@@ -371,22 +372,15 @@ impl HostWeight<'_> {
 
     fn row_dot(&self, o: usize, x: &[f32], y: &mut [f32]) {
         let per_row = self.inp / self.bs;
-        let words_per_block = self.bs / 8;
         #[cfg(target_arch = "x86_64")]
-        if simd::available() {
+        if simd_enabled() {
             simd::row_dot(self, o, x, y);
             return;
         }
         let mut values = vec![0.0f32; self.bs];
         y.fill(0.0);
         for k in 0..per_row {
-            let b = o * per_row + k;
-            let lut = self.table.map(|v| v * self.absmax.get(b));
-            decode(
-                &lut,
-                &self.words[b * words_per_block..(b + 1) * words_per_block],
-                &mut values,
-            );
+            self.decode_block(o * per_row + k, &mut values);
             for (r, yr) in y.iter_mut().enumerate() {
                 let xs = &x[r * self.inp + k * self.bs..][..self.bs];
                 *yr += dot(&values, xs);
@@ -487,7 +481,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Writes `lut[code]` for the codes of `words` (8 per word, the first at bit 0) into `dst`.
 fn decode(lut: &[f32; 16], words: &[i32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if simd::available() && dst.len().is_multiple_of(16) {
+    if simd_enabled() && dst.len().is_multiple_of(16) {
         simd::decode(lut, words, dst);
         return;
     }
@@ -497,6 +491,20 @@ fn decode(lut: &[f32; 16], words: &[i32], dst: &mut [f32]) {
             *v = lut[((w >> (4 * j)) & 15) as usize];
         }
     }
+}
+
+/// Tests set it to run the scalar loops on a CPU with AVX-512.
+#[cfg(test)]
+static SCALAR_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the AVX-512 kernels run: the CPU has them (and no test asked for the scalar loops).
+#[cfg(target_arch = "x86_64")]
+fn simd_enabled() -> bool {
+    #[cfg(test)]
+    if SCALAR_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        return false;
+    }
+    simd::available()
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -693,5 +701,75 @@ impl QuantBackend for Flex {
                 .into_primitive()
                 .tensor()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+    use burn::backend::Flex;
+    use burn::prelude::*;
+    use peft_core::inject::LinearWeight;
+
+    use crate::quant::QuantizedWeight;
+    use crate::{Linear4bit, QuantConfig};
+
+    /// Products and dequantization of one layer, as host vectors.
+    fn run(layer: &Linear4bit<Flex>, x: &[f32], rows: usize) -> (Vec<f32>, Vec<f32>) {
+        let [_, inp] = layer.meta.shape;
+        let xt = Tensor::<Flex, 2>::from_data(
+            TensorData::new(x.to_vec(), [rows, inp]),
+            &Default::default(),
+        );
+        let y = LinearWeight::forward(layer, xt)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let w = LinearWeight::weight(layer).into_data().to_vec().unwrap();
+        (y, w)
+    }
+
+    /// The scalar loops (the path of CPUs without AVX-512) against the host dequantization
+    /// (checked against bitsandbytes in tests/bitsandbytes.rs) and an f64 product, on the
+    /// fused product (1 and 3 rows) and the tiled one (7 rows). On a CPU without AVX-512 the
+    /// integration tests already take this path; here it runs on any CPU.
+    #[test]
+    fn scalar_loops_match_the_dequantized_weight() {
+        super::SCALAR_ONLY.store(true, std::sync::atomic::Ordering::Relaxed);
+        for (shape, bs) in [([40, 128], 64), ([24, 96], 32)] {
+            let n = shape[0] * shape[1];
+            let w: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3)
+                .collect();
+            let q = QuantizedWeight::quantize(&w, shape, &QuantConfig::new().with_blocksize(bs))
+                .unwrap();
+            let want_w = q.dequantize();
+            let layer = Linear4bit::<Flex>::from_quantized(&q, None, &Default::default());
+            for rows in [1, 3, 7] {
+                let x: Vec<f32> = (0..rows * shape[1])
+                    .map(|i| ((i * 13 % 29) as f32 - 14.0) / 14.0)
+                    .collect();
+                let (y, got_w) = run(&layer, &x, rows);
+                assert_eq!(got_w, want_w, "{shape:?}: dequantized weight");
+                for r in 0..rows {
+                    for o in 0..shape[0] {
+                        let (mut s, mut abs) = (0.0f64, 0.0f64);
+                        for i in 0..shape[1] {
+                            let p = f64::from(x[r * shape[1] + i])
+                                * f64::from(want_w[o * shape[1] + i]);
+                            s += p;
+                            abs += p.abs();
+                        }
+                        let got = f64::from(y[r * shape[0] + o]);
+                        assert!(
+                            (got - s).abs() <= 1e-5 * abs + 1e-7,
+                            "{shape:?}, {rows} rows: y[{r}][{o}] = {got}, want {s}"
+                        );
+                    }
+                }
+            }
+        }
+        super::SCALAR_ONLY.store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }
