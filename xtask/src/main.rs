@@ -3,7 +3,7 @@
 //! - `ci`: what CI checks: formatting, clippy with warnings denied on every target, the
 //!   test suite on ndarray, flex and wgpu (Mesa's software Vulkan where there is no GPU),
 //!   doc tests, and a compile check of the CUDA backend. `--no-wgpu` skips the wgpu tests.
-//! - `bench [FILTER] [--report-only]`: runs the criterion benches and prints each guarded
+//! - `bench [FILTER] [--wgpu] [--cuda] [--report-only]`: runs the criterion benches and prints each guarded
 //!   ratio (candidate time / baseline time measured in the same run); `--report-only`
 //!   prints the ratios of the last run without running anything.
 //! - `bench train [--compare-python] [...]`: tokens per second and peak memory of a full
@@ -94,7 +94,7 @@ fn ci(args: &[String]) -> Result<()> {
     )?;
     let mut test = vec!["test", "--workspace", "--all-targets"];
     if wgpu {
-        test.extend(["--features", "peft-testing/wgpu"]);
+        test.extend(["--features", "peft-testing/wgpu,peft-qlora/wgpu"]);
     }
     run("cargo", &test)?;
     run("cargo", &["test", "--workspace", "--doc"])?;
@@ -130,6 +130,16 @@ fn bench(args: &[String]) -> Result<()> {
         return report_ratios(&root().join("target/criterion"));
     }
     let mut cmd = vec!["bench", "-p", "peft-benches"];
+    // The GPU backends are features of the benches: `--wgpu`, `--cuda`.
+    let gpus: Vec<String> = ["wgpu", "cuda"]
+        .iter()
+        .filter(|b| args.iter().any(|a| a.strip_prefix("--") == Some(**b)))
+        .map(|b| format!("peft-benches/{b}"))
+        .collect();
+    let gpus = gpus.join(",");
+    if !gpus.is_empty() {
+        cmd.extend(["--features", &gpus]);
+    }
     let filter: Vec<&str> = args
         .iter()
         .map(String::as_str)
@@ -422,7 +432,7 @@ fn main() -> ExitCode {
         "kill-resume" => faults::kill_resume(&root(), rest),
         _ => {
             println!(
-                "usage: cargo xtask <ci [--no-wgpu] | bench [FILTER] [--report-only] | bench train [--compare-python] | fixtures | demo | rlhf-demo | demo-data | fetch-model smollm2>"
+                "usage: cargo xtask <ci [--no-wgpu] | bench [FILTER] [--wgpu] [--cuda] [--report-only] | bench train [--compare-python] | fixtures | demo | rlhf-demo | demo-data | fetch-model smollm2>"
             );
             return if cmd == "help" || cmd == "--help" {
                 ExitCode::SUCCESS

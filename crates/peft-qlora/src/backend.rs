@@ -9,7 +9,9 @@
 //! Every method has a portable default made of burn tensor operations (unpack the codes with
 //! shifts and masks, look the values up, scale each block, then a matmul), so a new backend
 //! needs only `impl QuantBackend for MyBackend {}`. The CPU backend `Flex` overrides them with
-//! host kernels that read the packed codes directly (`crate::cpu`).
+//! host kernels that read the packed codes directly (`crate::cpu`), and the GPU backends
+//! (`CubeBackend`: wgpu and CUDA) with CubeCL kernels that decode inside the matmul tile
+//! (`crate::cube`, features `wgpu` / `cuda`).
 //!
 //! Under autodiff, [`QuantBackend::q4_linear`] is one graph node whose backward pass computes
 //! `dL/dx = dL/dy W` by dequantizing `W` again: the node keeps only the 4-bit codes and the
@@ -247,9 +249,3 @@ impl<B: QuantBackend, C: CheckpointStrategy> QuantBackend for Autodiff<B, C> {
 
 #[cfg(feature = "ndarray")]
 impl QuantBackend for burn::backend::NdArray {}
-
-#[cfg(feature = "wgpu")]
-impl QuantBackend for burn::backend::Wgpu {}
-
-#[cfg(feature = "cuda")]
-impl QuantBackend for burn::backend::Cuda {}

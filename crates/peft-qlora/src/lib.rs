@@ -45,6 +45,8 @@ pub mod bnb;
 pub mod codes;
 #[cfg(feature = "flex")]
 mod cpu;
+#[cfg(feature = "cubecl")]
+pub mod cube;
 pub mod error;
 pub mod linear;
 pub mod model;

@@ -245,10 +245,22 @@ fn bitsandbytes_checkpoint_gives_transformers_logits() {
 /// product (causal attention makes a prefix's logits the first rows of the full ones).
 #[test]
 fn flex_kernels_give_transformers_logits() {
-    checkpoint_logits::<Flex>();
+    kernels_give_transformers_logits::<Flex>();
+}
+
+/// The same on wgpu, whose 4-bit products are CubeCL kernels (`peft_qlora::cube`): the
+/// whole sequence through the tiled kernel, the prefixes through the matrix-vector one.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_kernels_give_transformers_logits() {
+    kernels_give_transformers_logits::<burn::backend::Wgpu>();
+}
+
+fn kernels_give_transformers_logits<Bk: QuantBackend>() {
+    checkpoint_logits::<Bk>();
     let device = Default::default();
     for dir in ["llama_gqa_nf4", "llama_gqa_fp4"] {
-        let model: QloraLlama<Flex> = load_bnb_llama(&fixture(dir), &device).unwrap();
+        let model: QloraLlama<Bk> = load_bnb_llama(&fixture(dir), &device).unwrap();
         let (ids, want, _, [_, vocab]) = logits_fixture(dir);
         for n in [1, 3] {
             let got = logits(&model, &ids[..n], &device);

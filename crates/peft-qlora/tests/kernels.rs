@@ -100,7 +100,7 @@ fn forward_matches<Bk: QuantBackend>(backend: &str) {
         let (q, w) = quantized(case);
         let [out, inp] = q.shape;
         let layer = Linear4bit::<Bk>::from_quantized(&q, None, &device);
-        for rows in [1, 2, 4, 5, 17] {
+        for rows in [1, 2, 4, 5, 17, 70] {
             let x = values(rows * inp, 100 + rows as u64);
             let xt =
                 Tensor::<Bk, 3>::from_data(TensorData::new(x.clone(), [1, rows, inp]), &device);
@@ -162,4 +162,77 @@ fn flex_backward_gives_the_input_gradient() {
 #[test]
 fn portable_backward_gives_the_input_gradient() {
     input_gradient_matches::<Autodiff<NdArray>>("ndarray");
+}
+
+#[cfg(feature = "wgpu")]
+mod wgpu {
+    //! The CubeCL kernels (`peft_qlora::cube`), on wgpu: on a machine without a GPU through
+    //! Mesa's software Vulkan driver.
+
+    use super::*;
+    use burn::backend::Wgpu;
+    use burn::tensor::TensorPrimitive;
+
+    #[test]
+    fn wgpu_products_match_the_dequantized_weight() {
+        forward_matches::<Wgpu>("wgpu");
+    }
+
+    #[test]
+    fn wgpu_backward_gives_the_input_gradient() {
+        input_gradient_matches::<Autodiff<Wgpu>>("wgpu");
+    }
+
+    /// The kernels themselves, called directly: each case takes them (none falls back to
+    /// the portable path), for the forward product at 1 and 3 rows (the matrix-vector
+    /// kernel where `in` is a multiple of 8) and 70 rows (two row tiles), and for the
+    /// transposed product.
+    #[test]
+    fn cube_kernels_match_the_dequantized_weight() {
+        let device = Default::default();
+        for case in 0..CASES.len() {
+            let (q, w) = quantized(case);
+            let [out, inp] = q.shape;
+            let layer = Linear4bit::<Wgpu>::from_quantized(&q, None, &device);
+            let weight = layer.q4_weight();
+            for rows in [1, 3, 70] {
+                let x = values(rows * inp, 400 + rows as u64);
+                let xt =
+                    Tensor::<Wgpu, 2>::from_data(TensorData::new(x.clone(), [rows, inp]), &device)
+                        .into_primitive()
+                        .tensor();
+                let y = if rows <= peft_qlora::cube::MATVEC_MAX_ROWS && inp % 8 == 0 {
+                    peft_qlora::cube::q4_matvec(xt, &weight)
+                } else {
+                    peft_qlora::cube::q4_tiled(xt, &weight, false)
+                };
+                let y: Vec<f32> = Tensor::<Wgpu, 2>::from_primitive(TensorPrimitive::Float(
+                    y.expect("the kernel takes f32 and i32 tensors"),
+                ))
+                .into_data()
+                .to_vec()
+                .unwrap();
+                let want = reference(&x, &w, rows, inp, out, false);
+                assert_close(&y, &want, &format!("wgpu kernel case {case}, {rows} rows"));
+
+                let g = values(rows * out, 500 + rows as u64);
+                let gt =
+                    Tensor::<Wgpu, 2>::from_data(TensorData::new(g.clone(), [rows, out]), &device)
+                        .into_primitive()
+                        .tensor();
+                let gx: Vec<f32> = Tensor::<Wgpu, 2>::from_primitive(TensorPrimitive::Float(
+                    peft_qlora::cube::q4_tiled(gt, &weight, true).expect("f32 and i32 tensors"),
+                ))
+                .into_data()
+                .to_vec()
+                .unwrap();
+                let want = reference(&g, &w, rows, out, inp, true);
+                assert_close(
+                    &gx,
+                    &want,
+                    &format!("wgpu transposed kernel case {case}, {rows} rows"),
+                );
+            }
+        }
+    }
 }
