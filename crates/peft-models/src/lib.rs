@@ -29,6 +29,8 @@ pub mod bert;
 pub mod config;
 pub mod error;
 pub mod export;
+#[cfg(feature = "flex")]
+mod flex_attention;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_model;

@@ -166,6 +166,29 @@ pub fn attention_mask<B: Backend>(
         .unsqueeze_dim(1)
 }
 
+/// [`attention`] as one fused operation, where the backend has one: on the CPU backend
+/// (`Flex` and `Autodiff<Flex>`, f32 tensors, feature `flex`) each (batch, key/value head)
+/// pair is a task on rayon's pool and, under autodiff, the whole attention is one graph node
+/// with its own backward pass. `None` on other backends; [`attention`] takes this path
+/// whenever it applies.
+pub fn fused_attention<B: Backend>(
+    q: &Tensor<B, 4>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, Bool>>,
+    scale: f64,
+) -> Option<Tensor<B, 4>> {
+    #[cfg(feature = "flex")]
+    {
+        crate::flex_attention::try_attention(q, k, v, mask, scale)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (q, k, v, mask, scale);
+        None
+    }
+}
+
 /// `softmax(q k^T * scale + mask) v` with grouped-query attention: `q: [b, h, s, d]`,
 /// `k, v: [b, kv_heads, t, d]` where `h` is a multiple of `kv_heads`.
 pub fn attention<B: Backend>(
@@ -175,6 +198,9 @@ pub fn attention<B: Backend>(
     mask: Option<&Tensor<B, 4, Bool>>,
     scale: f64,
 ) -> Tensor<B, 4> {
+    if let Some(o) = fused_attention(&q, &k, &v, mask, scale) {
+        return o;
+    }
     let [b, h, _, d] = q.dims();
     let [_, kvh, t, _] = k.dims();
     let (k, v) = if kvh == h {

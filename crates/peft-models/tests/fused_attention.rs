@@ -1,0 +1,206 @@
+//! The fused attention of the CPU backend (`Flex`, `Autodiff<Flex>`) against the generic
+//! one (burn tensor operations, here on ndarray): outputs and the gradients of `q`, `k` and
+//! `v`, with grouped-query heads, strided inputs, causal and padding masks, and a row whose
+//! keys are all masked.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use peft_models::nn::{attention, attention_mask, fused_attention};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+struct Case {
+    b: usize,
+    h: usize,
+    kvh: usize,
+    s: usize,
+    t: usize,
+    d: usize,
+    causal: bool,
+    padding: bool,
+}
+
+const CASES: [Case; 4] = [
+    // SmolLM2's grouping (3 query heads per key/value head), causal, padded.
+    Case {
+        b: 2,
+        h: 6,
+        kvh: 2,
+        s: 9,
+        t: 9,
+        d: 8,
+        causal: true,
+        padding: true,
+    },
+    // One head per key/value head, no mask.
+    Case {
+        b: 1,
+        h: 3,
+        kvh: 3,
+        s: 5,
+        t: 7,
+        d: 4,
+        causal: false,
+        padding: false,
+    },
+    // Cached keys: more keys than queries, causal.
+    Case {
+        b: 2,
+        h: 4,
+        kvh: 1,
+        s: 3,
+        t: 8,
+        d: 16,
+        causal: true,
+        padding: false,
+    },
+    // Padding that masks every key of the first sequence's first rows.
+    Case {
+        b: 2,
+        h: 2,
+        kvh: 1,
+        s: 4,
+        t: 4,
+        d: 4,
+        causal: true,
+        padding: true,
+    },
+];
+
+/// `(output, dq, dk, dv)` of `sum(c * attention(q, k, v))`, with `q`, `k`, `v` made as the
+/// models make them: `[b, s, heads, d]` views with heads moved before positions.
+fn run<B: AutodiffBackend>(case: &Case, seed: u64, fused: bool) -> [Vec<f32>; 4] {
+    let device = Default::default();
+    let Case {
+        b,
+        h,
+        kvh,
+        s,
+        t,
+        d,
+        causal,
+        padding,
+    } = *case;
+    let bshd = |heads: usize, n: usize, seed: u64| {
+        Tensor::<B, 4>::from_data(
+            TensorData::new(values(b * n * heads * d, seed), [b, n, heads, d]),
+            &device,
+        )
+        .require_grad()
+    };
+    let (q0, k0, v0) = (
+        bshd(h, s, seed),
+        bshd(kvh, t, seed + 1),
+        bshd(kvh, t, seed + 2),
+    );
+    let pad: Vec<Vec<bool>> = (0..b)
+        .map(|i| (0..t).map(|j| !(padding && i == 0 && j < 2)).collect())
+        .collect();
+    let mask = (causal || padding).then(|| {
+        attention_mask::<B>(
+            b,
+            s,
+            t - s,
+            0,
+            causal,
+            padding.then_some(pad.as_slice()),
+            &device,
+        )
+    });
+    let (q, k, v) = (
+        q0.clone().swap_dims(1, 2),
+        k0.clone().swap_dims(1, 2),
+        v0.clone().swap_dims(1, 2),
+    );
+    let scale = (d as f64).powf(-0.5);
+    let out = if fused {
+        fused_attention(&q, &k, &v, mask.as_ref(), scale).expect("flex fuses attention")
+    } else {
+        attention(q, k, v, mask.as_ref(), scale)
+    };
+    let c = Tensor::<B, 4>::from_data(
+        TensorData::new(values(b * h * s * d, seed + 3), [b, h, s, d]),
+        &device,
+    );
+    let grads = (out.clone() * c).sum().backward();
+    let v = |t: Tensor<B::InnerBackend, 4>| t.into_data().to_vec::<f32>().unwrap();
+    [
+        out.into_data().to_vec::<f32>().unwrap(),
+        v(q0.grad(&grads).unwrap()),
+        v(k0.grad(&grads).unwrap()),
+        v(v0.grad(&grads).unwrap()),
+    ]
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+            "{what}: element {i} is {g}, want {w}"
+        );
+    }
+}
+
+#[test]
+fn fused_attention_matches_the_generic_one() {
+    for (n, case) in CASES.iter().enumerate() {
+        let want = run::<Autodiff<NdArray>>(case, 10 * n as u64, false);
+        let got = run::<Autodiff<Flex>>(case, 10 * n as u64, true);
+        for (what, (g, w)) in ["output", "dq", "dk", "dv"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            assert_close(g, w, &format!("case {n}: {what}"));
+        }
+        // Without autodiff (inference) the forward pass is the same.
+        let device = Default::default();
+        let Case {
+            b,
+            h,
+            kvh,
+            s,
+            t,
+            d,
+            causal,
+            ..
+        } = *case;
+        let make = |heads: usize, n: usize, seed: u64| {
+            Tensor::<Flex, 4>::from_data(
+                TensorData::new(values(b * n * heads * d, seed), [b, n, heads, d]),
+                &device,
+            )
+            .swap_dims(1, 2)
+        };
+        let seed = 10 * n as u64;
+        let mask = causal.then(|| attention_mask::<Flex>(b, s, t - s, 0, true, None, &device));
+        let plain = fused_attention(
+            &make(h, s, seed),
+            &make(kvh, t, seed + 1),
+            &make(kvh, t, seed + 2),
+            mask.as_ref(),
+            (d as f64).powf(-0.5),
+        )
+        .expect("flex fuses attention");
+        if !case.padding {
+            assert_close(
+                &plain.into_data().to_vec::<f32>().unwrap(),
+                &want[0],
+                &format!("case {n}: inference"),
+            );
+        }
+    }
+}
