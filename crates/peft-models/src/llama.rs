@@ -18,7 +18,6 @@ use std::marker::PhantomData;
 use burn::module::{Module, Param};
 use burn::nn::Embedding;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use peft_core::adapters::{AdaptedLinear, AdapterControl, LinearAdapterControl};
 use peft_core::inject::{EmbeddingAdapter, KvAdapter, LinearWeight, NoAdapter, SublayerAdapter};
 use peft_core::model::AdaptableModel;
@@ -26,7 +25,9 @@ use peft_core::target::{ModuleInfo, ModuleKind};
 
 use crate::config::LlamaConfig;
 use crate::error::Result;
-use crate::nn::{RmsNorm, apply_rope_bshd, attention, attention_mask, rope_tables_for_heads};
+use crate::nn::{
+    RmsNorm, apply_rope_bshd, attention, attention_mask, rope_tables_for_heads, swiglu,
+};
 use crate::weights::WeightSource;
 use crate::{CausalLm, ForwardInput, KvCache};
 
@@ -385,9 +386,10 @@ where
             h = h + o;
             let x = layer.post_attention_layernorm.forward(h.clone());
             let m = &layer.mlp;
-            let y = m
-                .down_proj
-                .forward(silu(m.gate_proj.forward(x.clone())) * m.up_proj.forward(x.clone()));
+            let y = m.down_proj.forward(swiglu(
+                m.gate_proj.forward(x.clone()),
+                m.up_proj.forward(x.clone()),
+            ));
             h = h + layer.mlp_adapter.forward(&x, y);
         }
         if let Some(cache) = cache {

@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, TensorData};
 
 use crate::error::Result;
@@ -166,6 +166,17 @@ pub fn attention_mask<B: Backend>(
         .unsqueeze_dim(1)
 }
 
+/// `silu(gate) * up`, the gated unit of Llama-family MLPs (SwiGLU). On the CPU backend
+/// (`Flex`, `Autodiff<Flex>`, f32, feature `flex`) one parallel pass forward and one
+/// backward, one graph node under autodiff; burn operations elsewhere.
+pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "flex")]
+    if let Some(y) = crate::flex::swiglu::try_swiglu(&gate, &up) {
+        return y;
+    }
+    silu(gate) * up
+}
+
 /// [`attention`] as one fused operation, where the backend has one: on the CPU backend
 /// (`Flex` and `Autodiff<Flex>`, f32 tensors, feature `flex`) each (batch, key/value head)
 /// pair is a task on rayon's pool and, under autodiff, the whole attention is one graph node
@@ -180,7 +191,7 @@ pub fn fused_attention<B: Backend>(
 ) -> Option<Tensor<B, 4>> {
     #[cfg(feature = "flex")]
     {
-        crate::flex_attention::try_attention(q, k, v, mask, scale)
+        crate::flex::attention::try_attention(q, k, v, mask, scale)
     }
     #[cfg(not(feature = "flex"))]
     {

@@ -20,7 +20,7 @@
 //! before the softmax, so a row whose keys are all masked attends uniformly, as there.
 //! Other backends, and dtypes other than f32, take the generic path.
 
-use std::any::{Any, TypeId};
+use std::any::TypeId;
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -35,13 +35,7 @@ use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-/// `t` as a `U` when `T` is `U` (a checked downcast; `None` otherwise).
-fn cast<T: 'static, U: 'static>(t: T) -> Option<U> {
-    (Box::new(t) as Box<dyn Any>)
-        .downcast::<U>()
-        .ok()
-        .map(|b| *b)
-}
+use super::{Product, cast, exp, gemm};
 
 /// The fused attention where `B` is `Flex` or `Autodiff<Flex>` (with or without
 /// checkpointing) and the tensors are f32; `None` otherwise.
@@ -437,85 +431,11 @@ fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f32;
     for x in row.iter_mut() {
-        *x = (*x - max).exp();
+        *x = exp(*x - max);
         sum += *x;
     }
     let inv = 1.0 / sum;
     for x in row.iter_mut() {
         *x *= inv;
-    }
-}
-
-/// `dst[m, n] = alpha lhs[m, k] rhs[k, n]` (plus `dst` when `accumulate`), `dst` row-major
-/// with row stride `dst_rs`, the operands as (storage from the first element, row stride,
-/// column stride).
-struct Product<'a> {
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &'a mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    alpha: f32,
-    lhs: (&'a [f32], usize, usize),
-    rhs: (&'a [f32], usize, usize),
-}
-
-/// Runs a [`Product`] on this thread with the `gemm` crate (Flex's own matmul), after
-/// checking that every element it touches is in bounds.
-#[allow(unsafe_code)] // the `gemm` crate takes raw pointers and strides
-fn gemm(p: Product<'_>) {
-    if p.m == 0 || p.n == 0 {
-        return;
-    }
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        last(p.dst_rs, 1, p.m, p.n) < p.dst.len(),
-        "gemm: dst out of bounds"
-    );
-    if p.k == 0 {
-        if !p.accumulate {
-            for row in p.dst.chunks_mut(p.dst_rs).take(p.m) {
-                row[..p.n].fill(0.0);
-            }
-        }
-        return;
-    }
-    let (lhs, lhs_rs, lhs_cs) = p.lhs;
-    let (rhs, rhs_rs, rhs_cs) = p.rhs;
-    assert!(
-        last(lhs_rs, lhs_cs, p.m, p.k) < lhs.len(),
-        "gemm: lhs out of bounds"
-    );
-    assert!(
-        last(rhs_rs, rhs_cs, p.k, p.n) < rhs.len(),
-        "gemm: rhs out of bounds"
-    );
-    let s = |v: usize| v as isize;
-    // SAFETY: the asserts above keep every index the product reads or writes inside the
-    // slices, which outlive the call; `dst` is exclusively borrowed, so it overlaps neither
-    // input.
-    unsafe {
-        gemm::gemm(
-            p.m,
-            p.n,
-            p.k,
-            p.dst.as_mut_ptr(),
-            1,
-            s(p.dst_rs),
-            p.accumulate,
-            lhs.as_ptr(),
-            s(lhs_cs),
-            s(lhs_rs),
-            rhs.as_ptr(),
-            s(rhs_cs),
-            s(rhs_rs),
-            1.0,
-            p.alpha,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }

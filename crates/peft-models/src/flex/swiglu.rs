@@ -1,0 +1,156 @@
+//! `silu(gate) * up`, the gated unit of Llama's MLP, as one operation on the CPU backend.
+//!
+//! As burn operations it is a sigmoid, two products and their backward steps, each a pass
+//! over `tokens x intermediate` values on one thread (a libm `exp` per value). Here it is one
+//! parallel pass forward and one backward, under autodiff one graph node that keeps `gate`
+//! and `up` (which the projections' own nodes keep anyway):
+//! `d gate = dy up s (1 + gate (1 - s))`, `d up = dy gate s`, with `s = sigmoid(gate)`.
+
+use std::any::TypeId;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::{
+    BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
+};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::*;
+use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use super::{cast, exp};
+
+/// Values per rayon task.
+const CHUNK: usize = 1 << 14;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// The fused gate where `B` is `Flex` or `Autodiff<Flex>` and the tensors are f32 of one
+/// shape; `None` otherwise.
+pub(crate) fn try_swiglu<B: Backend, const D: usize>(
+    gate: &Tensor<B, D>,
+    up: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    if gate.dims() != up.dims() {
+        return None;
+    }
+    let id = TypeId::of::<B>();
+    if id == TypeId::of::<Flex>() {
+        let g = cast::<_, Tensor<Flex, D>>(gate.clone())?
+            .into_primitive()
+            .tensor();
+        let u = cast::<_, Tensor<Flex, D>>(up.clone())?
+            .into_primitive()
+            .tensor();
+        let (g, u) = (host(&g)?, host(&u)?);
+        let y = forward(&g, &u);
+        return cast(Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(y)));
+    }
+    if id == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() {
+        return on_autodiff::<B, NoCheckpointing, D>(gate, up);
+    }
+    if id == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>() {
+        return on_autodiff::<B, BalancedCheckpointing, D>(gate, up);
+    }
+    None
+}
+
+/// `t` contiguous from offset 0, when it is f32.
+fn host(t: &FlexTensor) -> Option<FlexTensor> {
+    if t.dtype() != DType::F32 {
+        return None;
+    }
+    Some(if t.is_contiguous() && t.layout().start_offset() == 0 {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    })
+}
+
+fn values(t: &FlexTensor) -> &[f32] {
+    &t.storage::<f32>()[..t.shape().num_elements()]
+}
+
+fn like(t: &FlexTensor, values: Vec<f32>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, t.shape()))
+}
+
+fn forward(g: &FlexTensor, u: &FlexTensor) -> FlexTensor {
+    let (gs, us) = (values(g), values(u));
+    let mut y = vec![0.0f32; gs.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
+        .for_each(|(y, (g, u))| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(g) * u;
+            }
+        });
+    like(g, y)
+}
+
+fn on_autodiff<B: Backend, C: CheckpointStrategy, const D: usize>(
+    gate: &Tensor<B, D>,
+    up: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    type Ad<C> = Autodiff<Flex, C>;
+    let g = cast::<_, Tensor<Ad<C>, D>>(gate.clone())?
+        .into_primitive()
+        .tensor();
+    let u = cast::<_, Tensor<Ad<C>, D>>(up.clone())?
+        .into_primitive()
+        .tensor();
+    let (gh, uh) = (host(&g.primitive)?, host(&u.primitive)?);
+    let y = forward(&gh, &uh);
+    let out = match SwigluBackward
+        .prepare::<C>([g.node.clone(), u.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((gh, uh), y),
+        OpsKind::UnTracked(prep) => prep.finish(y),
+    };
+    cast(Tensor::<Ad<C>, D>::from_primitive(TensorPrimitive::Float(
+        out,
+    )))
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl Backward<Flex, 2> for SwigluBackward {
+    /// `gate` and `up`, contiguous.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<Flex>(&ops.node);
+        let dy = host(&dy).expect("an f32 gradient");
+        let (g, u) = ops.state;
+        let (dys, gs, us) = (values(&dy), values(&g), values(&u));
+        let mut dg = vec![0.0f32; gs.len()];
+        let mut du = vec![0.0f32; gs.len()];
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(
+                dys.par_chunks(CHUNK)
+                    .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK))),
+            )
+            .for_each(|((dg, du), (dy, (g, u)))| {
+                for i in 0..dg.len() {
+                    let s = sigmoid(g[i]);
+                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                    du[i] = dy[i] * g[i] * s;
+                }
+            });
+        let [ng, nu] = ops.parents;
+        if let Some(node) = ng {
+            grads.register::<Flex>(node.id, like(&g, dg));
+        }
+        if let Some(node) = nu {
+            grads.register::<Flex>(node.id, like(&u, du));
+        }
+    }
+}
