@@ -2,15 +2,17 @@
 //! ones (burn tensor operations, here on ndarray). Attention: outputs and the gradients of
 //! `q`, `k` and `v`, with grouped-query heads, strided inputs, causal and padding masks, and
 //! a row whose keys are all masked. SwiGLU: outputs and both gradients, saturated gates
-//! included.
+//! included. The summed cross-entropy: value and gradient, under a scaled loss.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use burn::backend::{Autodiff, Flex, NdArray};
 use burn::prelude::*;
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{log_softmax, silu};
 use burn::tensor::backend::AutodiffBackend;
-use peft_models::nn::{attention, attention_mask, fused_attention, swiglu};
+use peft_models::nn::{
+    attention, attention_mask, fused_attention, fused_cross_entropy_sum, swiglu,
+};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
@@ -245,4 +247,37 @@ fn fused_swiglu_matches_the_generic_one() {
     for (what, (g, w)) in ["y", "d gate", "d up"].iter().zip(got.iter().zip(&want)) {
         assert_close(g, w, &format!("swiglu {what}"));
     }
+}
+
+/// `(loss, dz)` of `0.5 * CE(z, t)` for logits of magnitude up to 30.
+fn token_loss<B: AutodiffBackend>(
+    f: impl Fn(Tensor<B, 2>, Tensor<B, 2, Int>) -> Tensor<B, 1>,
+) -> [Vec<f32>; 2] {
+    let device = Default::default();
+    let [n, v] = [7, 300];
+    let z: Vec<f32> = values(n * v, 9).iter().map(|x| x * 30.0).collect();
+    let z = Tensor::<B, 2>::from_data(TensorData::new(z, [n, v]), &device).require_grad();
+    let t: Vec<i64> = vec![0, 299, 5, 5, 150, 42, 7];
+    let t = Tensor::<B, 2, Int>::from_data(TensorData::new(t, [n, 1]), &device);
+    let loss = f(z.clone(), t) * 0.5;
+    let grads = loss.backward();
+    [
+        loss.into_data().to_vec::<f32>().unwrap(),
+        z.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+    ]
+}
+
+#[test]
+fn fused_cross_entropy_matches_the_generic_one() {
+    let want = token_loss::<Autodiff<NdArray>>(|z, t| -log_softmax(z, 1).gather(1, t).sum());
+    let got = token_loss::<Autodiff<Flex>>(|z, t| {
+        fused_cross_entropy_sum(&z, &t).expect("flex fuses the loss")
+    });
+    assert_close(&got[0], &want[0], "loss");
+    assert_close(&got[1], &want[1], "dz");
+    // A target outside the vocabulary is left to the generic path (which reports it).
+    let device = Default::default();
+    let z = Tensor::<Flex, 2>::zeros([2, 3], &device);
+    let t = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![1i64, 3], [2, 1]), &device);
+    assert!(fused_cross_entropy_sum(&z, &t).is_none());
 }

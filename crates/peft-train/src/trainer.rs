@@ -125,7 +125,13 @@ pub fn token_nll<B: Backend, M: CausalLm<B>>(
 /// replay, where differentiating `log_softmax` records and replays a chain of passes over the
 /// `[n, vocab]` logits. On SmolLM2-135M's head (49,152 rows, 512 target tokens, flex, 2-core
 /// EPYC) that is 46 ms less per training step (0.450 -> 0.404 s for a one-layer model).
+///
+/// On the CPU backend the whole loss is one fused operation
+/// ([`peft_models::nn::fused_cross_entropy_sum`]) that keeps only the gradient.
 pub fn cross_entropy_sum<B: Backend>(z: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    if let Some(loss) = peft_models::nn::fused_cross_entropy_sum(&z, &targets) {
+        return loss;
+    }
     let zd = z.clone().detach();
     let m = zd.clone().max_dim(1);
     let e = (zd.clone() - m.clone()).exp();

@@ -8,6 +8,7 @@
 //! backward pass. Every other backend, and dtypes other than f32, keep the burn ops.
 
 pub(crate) mod attention;
+pub(crate) mod cross_entropy;
 pub(crate) mod swiglu;
 
 use std::any::Any;
