@@ -30,7 +30,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 #[cfg(feature = "flex")]
-mod flex;
+pub mod flex;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_model;

@@ -14,17 +14,7 @@ use peft_models::nn::{
     attention, attention_mask, fused_attention, fused_cross_entropy_sum, swiglu,
 };
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use peft_testing::uniform as values;
 
 struct Case {
     b: usize,

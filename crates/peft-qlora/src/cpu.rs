@@ -20,6 +20,7 @@ use burn::backend::Flex;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, TensorData, TensorMetadata};
 use burn_flex::FlexTensor;
+use peft_models::flex::{Product, gemm};
 use rayon::prelude::*;
 
 use crate::backend::{
@@ -42,6 +43,10 @@ thread_local! {
 
 /// Products below this many multiply-adds run on one thread (as Flex's matmul decides).
 const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
+
+fn parallel(m: usize, n: usize, k: usize) -> bool {
+    m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD
+}
 
 /// The tensors of a [`Q4Weight`] of `Flex`, contiguous (clones of the same storage when
 /// they already are).
@@ -259,18 +264,17 @@ impl HostWeight<'_> {
                     let tile = &mut scratch[..out * k];
                     self.decode_columns(k0, k, tile);
                     // rhs (k = i, n = o) is tile[o * k + i].
-                    gemm_f32(Gemm {
+                    gemm(Product {
                         m: rows,
                         n: out,
                         k,
                         dst: &mut y,
                         dst_rs: out,
                         accumulate: k0 > 0,
-                        lhs: &x[k0..],
-                        lhs_rs: inp,
-                        rhs: tile,
-                        rhs_rs: 1,
-                        rhs_cs: k,
+                        alpha: 1.0,
+                        lhs: (&x[k0..], inp, 1),
+                        rhs: (tile, 1, k),
+                        parallel: parallel(rows, out, k),
                     });
                     k0 += k;
                 }
@@ -280,18 +284,17 @@ impl HostWeight<'_> {
         self.for_each_tile(|first, tile| {
             let t = tile.len() / inp;
             // y[:, first..first + t] = x tile^T: rhs (k = i, n = o) is tile[o * in + i].
-            gemm_f32(Gemm {
+            gemm(Product {
                 m: rows,
                 n: t,
                 k: inp,
                 dst: &mut y[first..],
                 dst_rs: out,
                 accumulate: false,
-                lhs: x,
-                lhs_rs: inp,
-                rhs: tile,
-                rhs_rs: 1,
-                rhs_cs: inp,
+                alpha: 1.0,
+                lhs: (x, inp, 1),
+                rhs: (tile, 1, inp),
+                parallel: parallel(rows, t, inp),
             });
         });
         y
@@ -328,18 +331,17 @@ impl HostWeight<'_> {
         self.for_each_tile(|first, tile| {
             let t = tile.len() / inp;
             // y += g[:, first..first + t] tile: rhs (k = o, n = i) is tile[o * in + i].
-            gemm_f32(Gemm {
+            gemm(Product {
                 m: rows,
                 n: inp,
                 k: t,
                 dst: &mut y,
                 dst_rs: inp,
                 accumulate: first > 0,
-                lhs: &g[first..],
-                lhs_rs: out,
-                rhs: tile,
-                rhs_rs: inp,
-                rhs_cs: 1,
+                alpha: 1.0,
+                lhs: (&g[first..], out, 1),
+                rhs: (tile, inp, 1),
+                parallel: parallel(rows, inp, t),
             });
         });
         y
@@ -391,78 +393,6 @@ impl HostWeight<'_> {
 
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 { a } else { gcd(b, a % b) }
-}
-
-/// A row-major product for [`gemm_f32`]: `dst[m, n] (+)= lhs[m, k] rhs[k, n]`, `lhs` and
-/// `dst` with unit column stride, `rhs` with the given strides.
-struct Gemm<'a> {
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &'a mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &'a [f32],
-    lhs_rs: usize,
-    rhs: &'a [f32],
-    rhs_rs: usize,
-    rhs_cs: usize,
-}
-
-/// Runs a [`Gemm`] with the `gemm` crate, after checking that every element it touches is in
-/// bounds of its slice.
-#[allow(unsafe_code)] // the `gemm` crate takes raw pointers and strides
-fn gemm_f32(p: Gemm<'_>) {
-    if p.m == 0 || p.n == 0 {
-        return;
-    }
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        last(p.dst_rs, 1, p.m, p.n) < p.dst.len(),
-        "gemm: dst out of bounds"
-    );
-    if p.k == 0 {
-        return;
-    }
-    assert!(
-        last(p.lhs_rs, 1, p.m, p.k) < p.lhs.len(),
-        "gemm: lhs out of bounds"
-    );
-    assert!(
-        last(p.rhs_rs, p.rhs_cs, p.k, p.n) < p.rhs.len(),
-        "gemm: rhs out of bounds"
-    );
-    let parallelism = if p.m.saturating_mul(p.n).saturating_mul(p.k) >= PARALLEL_THRESHOLD {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    let s = |v: usize| v as isize;
-    // SAFETY: the asserts above keep every index the product reads or writes inside the
-    // slices, which outlive the call; `dst` is exclusively borrowed and overlaps neither input.
-    unsafe {
-        gemm::gemm(
-            p.m,
-            p.n,
-            p.k,
-            p.dst.as_mut_ptr(),
-            1,
-            s(p.dst_rs),
-            p.accumulate,
-            p.lhs.as_ptr(),
-            1,
-            s(p.lhs_rs),
-            p.rhs.as_ptr(),
-            s(p.rhs_cs),
-            s(p.rhs_rs),
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
 }
 
 /// A dot product in eight independent sums, which the compiler vectorizes.

@@ -11,18 +11,7 @@ use peft_core::inject::LinearWeight;
 use peft_qlora::quant::QuantizedWeight;
 use peft_qlora::{Linear4bit, QuantBackend, QuantConfig, QuantType};
 
-/// Deterministic values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use peft_testing::uniform as values;
 
 /// `[out, in]`, block size, double quantization, data type: rows of whole blocks (the fused
 /// product), rows that end inside a block and an odd element count (the fallback), one

@@ -158,3 +158,17 @@ macro_rules! backend_tests {
         )+
     };
 }
+
+/// `n` deterministic values in `[-1, 1)` from `seed` (a linear congruential generator), for
+/// test inputs that need no random-number crate and are the same on every run.
+pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}

@@ -291,6 +291,7 @@ impl<'a> Inputs<'a> {
                         alpha: scale,
                         lhs: (q, q_rs, q_cs),
                         rhs: (k, k_cs, k_rs),
+                        parallel: false,
                     });
                     for (i, row) in p.chunks_mut(t).enumerate() {
                         if let Some(m) = self.mask {
@@ -313,6 +314,7 @@ impl<'a> Inputs<'a> {
                         alpha: 1.0,
                         lhs: (p, t, 1),
                         rhs: (v, v_rs, v_cs),
+                        parallel: false,
                     });
                 }
             });
@@ -359,6 +361,7 @@ impl<'a> Inputs<'a> {
                         alpha: 1.0,
                         lhs: (p, 1, t),
                         rhs: (o, o_rs, o_cs),
+                        parallel: false,
                     });
                     // dP = dO V^T
                     gemm(Product {
@@ -371,6 +374,7 @@ impl<'a> Inputs<'a> {
                         alpha: 1.0,
                         lhs: (o, o_rs, o_cs),
                         rhs: (v, v_cs, v_rs),
+                        parallel: false,
                     });
                     // dS = P (dP - rowsum(dP P)), the softmax's backward pass; a masked
                     // score was set to a constant, so it passes no gradient (which matters
@@ -399,6 +403,7 @@ impl<'a> Inputs<'a> {
                         alpha: scale,
                         lhs: (&ds, t, 1),
                         rhs: (k, k_rs, k_cs),
+                        parallel: false,
                     });
                     // dK += scale dS^T Q
                     gemm(Product {
@@ -411,6 +416,7 @@ impl<'a> Inputs<'a> {
                         alpha: scale,
                         lhs: (&ds, 1, t),
                         rhs: (q, q_rs, q_cs),
+                        parallel: false,
                     });
                 }
             });

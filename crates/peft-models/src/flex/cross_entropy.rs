@@ -19,11 +19,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
+use burn::tensor::{TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{cast, exp};
+use super::{cast, contiguous_f32, exp};
 
 /// The fused loss where `B` is `Flex` or `Autodiff<Flex>`, the logits are f32 and every
 /// target is a valid column; `None` otherwise.
@@ -54,7 +54,7 @@ pub(crate) fn try_cross_entropy_sum<B: Backend>(
         let z = cast::<_, Tensor<Flex, 2>>(z.clone())?
             .into_primitive()
             .tensor();
-        let (nll, _) = loss(&host(&z)?, &t, false);
+        let (nll, _) = loss(&contiguous_f32(&z)?, &t, false);
         return cast(scalar::<Flex>(nll));
     }
     if id == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() {
@@ -65,18 +65,6 @@ pub(crate) fn try_cross_entropy_sum<B: Backend>(
 
 fn scalar<B: Backend>(x: f64) -> Tensor<B, 1> {
     Tensor::from_data(TensorData::new(vec![x as f32], [1]), &Default::default())
-}
-
-/// `t` contiguous from offset 0, when it is f32.
-fn host(t: &FlexTensor) -> Option<FlexTensor> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    Some(if t.is_contiguous() && t.layout().start_offset() == 0 {
-        t.clone()
-    } else {
-        t.to_contiguous()
-    })
 }
 
 /// The summed loss and, when `grad`, `softmax(z) - onehot(t)` (`[n, vocab]`).
@@ -133,7 +121,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
     let z = cast::<_, Tensor<Ad<C>, 2>>(z.clone())?
         .into_primitive()
         .tensor();
-    let zh = host(&z.primitive)?;
+    let zh = contiguous_f32(&z.primitive)?;
     let out = match CrossEntropyBackward
         .prepare::<C>([z.node.clone()])
         .compute_bound()

@@ -3,9 +3,12 @@
 //! Flex runs element-wise operations on one thread and each burn operation is a graph node
 //! under autodiff, so a layer's small operations (attention's softmax and masking, the
 //! SwiGLU gate) cost far more than their arithmetic. Each module here recognises the CPU
-//! backend by type (a checked downcast, [`cast`]), runs the whole operation as rayon tasks
+//! backend by type (a checked downcast), runs the whole operation as rayon tasks
 //! over host memory and, under autodiff, registers it as one graph node with its own
 //! backward pass. Every other backend, and dtypes other than f32, keep the burn ops.
+//!
+//! Public here: [`gemm()`], a bounds-checked strided f32 product on the `gemm` crate, which the
+//! 4-bit host kernels of `peft-qlora` share.
 
 pub(crate) mod attention;
 pub(crate) mod cross_entropy;
@@ -19,6 +22,19 @@ fn cast<T: 'static, U: 'static>(t: T) -> Option<U> {
         .downcast::<U>()
         .ok()
         .map(|b| *b)
+}
+
+/// `t` as a contiguous f32 tensor from offset 0 (itself when it already is), or `None` when
+/// it is not f32.
+pub(crate) fn contiguous_f32(t: &burn_flex::FlexTensor) -> Option<burn_flex::FlexTensor> {
+    if t.dtype() != burn::tensor::DType::F32 {
+        return None;
+    }
+    Some(if t.is_contiguous() && t.layout().start_offset() == 0 {
+        t.clone()
+    } else {
+        t.to_contiguous()
+    })
 }
 
 /// `e^x` in f32, branch-free so that loops over slices vectorize: `x = n ln 2 + r` with
@@ -56,22 +72,25 @@ pub(crate) fn exp(x: f32) -> f32 {
 /// `dst[m, n] = alpha lhs[m, k] rhs[k, n]` (plus `dst` when `accumulate`), `dst` row-major
 /// with row stride `dst_rs`, the operands as (storage from the first element, row stride,
 /// column stride).
-struct Product<'a> {
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &'a mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    alpha: f32,
-    lhs: (&'a [f32], usize, usize),
-    rhs: (&'a [f32], usize, usize),
+#[allow(missing_docs)] // the fields are the product's dimensions and operands, as above
+pub struct Product<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub dst: &'a mut [f32],
+    pub dst_rs: usize,
+    pub accumulate: bool,
+    pub alpha: f32,
+    pub lhs: (&'a [f32], usize, usize),
+    pub rhs: (&'a [f32], usize, usize),
+    /// Split the product over rayon's pool (worth it from about 192^3 multiply-adds).
+    pub parallel: bool,
 }
 
-/// Runs a [`Product`] on this thread with the `gemm` crate (Flex's own matmul), after
-/// checking that every element it touches is in bounds.
+/// Runs a [`Product`] with the `gemm` crate (Flex's own matmul), after checking that every
+/// element it touches is in bounds of its slice.
 #[allow(unsafe_code)] // the `gemm` crate takes raw pointers and strides
-fn gemm(p: Product<'_>) {
+pub fn gemm(p: Product<'_>) {
     if p.m == 0 || p.n == 0 {
         return;
     }
@@ -122,7 +141,11 @@ fn gemm(p: Product<'_>) {
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            if p.parallel {
+                gemm::Parallelism::Rayon(0)
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }

@@ -16,11 +16,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
+use burn::tensor::{TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{cast, exp};
+use super::{cast, contiguous_f32, exp};
 
 /// Values per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -46,7 +46,7 @@ pub(crate) fn try_swiglu<B: Backend, const D: usize>(
         let u = cast::<_, Tensor<Flex, D>>(up.clone())?
             .into_primitive()
             .tensor();
-        let (g, u) = (host(&g)?, host(&u)?);
+        let (g, u) = (contiguous_f32(&g)?, contiguous_f32(&u)?);
         let y = forward(&g, &u);
         return cast(Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(y)));
     }
@@ -57,18 +57,6 @@ pub(crate) fn try_swiglu<B: Backend, const D: usize>(
         return on_autodiff::<B, BalancedCheckpointing, D>(gate, up);
     }
     None
-}
-
-/// `t` contiguous from offset 0, when it is f32.
-fn host(t: &FlexTensor) -> Option<FlexTensor> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    Some(if t.is_contiguous() && t.layout().start_offset() == 0 {
-        t.clone()
-    } else {
-        t.to_contiguous()
-    })
 }
 
 fn values(t: &FlexTensor) -> &[f32] {
@@ -103,7 +91,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy, const D: usize>(
     let u = cast::<_, Tensor<Ad<C>, D>>(up.clone())?
         .into_primitive()
         .tensor();
-    let (gh, uh) = (host(&g.primitive)?, host(&u.primitive)?);
+    let (gh, uh) = (contiguous_f32(&g.primitive)?, contiguous_f32(&u.primitive)?);
     let y = forward(&gh, &uh);
     let out = match SwigluBackward
         .prepare::<C>([g.node.clone(), u.node.clone()])
@@ -127,7 +115,7 @@ impl Backward<Flex, 2> for SwigluBackward {
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<Flex>(&ops.node);
-        let dy = host(&dy).expect("an f32 gradient");
+        let dy = contiguous_f32(&dy).expect("an f32 gradient");
         let (g, u) = ops.state;
         let (dys, gs, us) = (values(&dy), values(&g), values(&u));
         let mut dg = vec![0.0f32; gs.len()];
