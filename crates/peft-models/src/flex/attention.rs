@@ -268,17 +268,40 @@ impl<'a> Inputs<'a> {
         let (s, t, d, dv) = (self.s, self.t, self.d, self.dv);
         let rep = self.h / self.kvh;
         let mut out = vec![0.0f32; self.b * self.h * s * dv];
-        let mut probs = vec![0.0f32; self.b * self.h * s * t];
+        // The probabilities of every head when the backward pass needs them; otherwise one
+        // head's at a time per task (a long prompt's scores are `heads x s x t` floats).
+        let mut probs = if keep {
+            vec![0.0f32; self.b * self.h * s * t]
+        } else {
+            Vec::new()
+        };
+        let task_probs: Vec<Option<&mut [f32]>> = if keep {
+            probs.chunks_mut(rep * s * t).map(Some).collect()
+        } else {
+            (0..self.b * self.kvh).map(|_| None).collect()
+        };
         out.par_chunks_mut(rep * s * dv)
-            .zip(probs.par_chunks_mut(rep * s * t))
+            .zip(task_probs)
             .enumerate()
-            .for_each(|(task, (out, probs))| {
+            .for_each(|(task, (out, kept))| {
                 let (b, g) = (task / self.kvh, task % self.kvh);
                 let (k, k_rs, k_cs) = self.k.matrix(b, g);
                 let (v, v_rs, v_cs) = self.v.matrix(b, g);
+                let mut scratch = Vec::new();
+                let probs: &mut [f32] = match kept {
+                    Some(p) => p,
+                    None => {
+                        scratch.resize(s * t, 0.0);
+                        &mut scratch
+                    }
+                };
                 for r in 0..rep {
                     let head = g * rep + r;
-                    let p = &mut probs[r * s * t..(r + 1) * s * t];
+                    let p = if keep {
+                        &mut probs[r * s * t..(r + 1) * s * t]
+                    } else {
+                        &mut probs[..]
+                    };
                     let (q, q_rs, q_cs) = self.q.matrix(b, head);
                     // scores = scale q k^T
                     gemm(Product {
