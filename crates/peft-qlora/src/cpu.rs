@@ -20,7 +20,7 @@ use burn::backend::Flex;
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Shape, TensorData, TensorMetadata};
 use burn_flex::FlexTensor;
-use peft_models::flex::{Product, gemm};
+use peft_models::flex::{Product, contiguous, gemm};
 use rayon::prelude::*;
 
 use crate::backend::{
@@ -104,14 +104,6 @@ struct HostWeight<'a> {
     out: usize,
     inp: usize,
     bs: usize,
-}
-
-fn contiguous(t: &FlexTensor) -> FlexTensor {
-    if t.is_contiguous() && t.layout().start_offset() == 0 {
-        t.clone()
-    } else {
-        t.to_contiguous()
-    }
 }
 
 fn host_array<const N: usize>(t: &FlexTensor) -> Option<[f32; N]> {

@@ -20,7 +20,6 @@
 //! before the softmax, so a row whose keys are all masked attends uniformly, as there.
 //! Other backends, and dtypes other than f32, take the generic path.
 
-use std::any::TypeId;
 use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -35,7 +34,7 @@ use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{Product, cast, exp, gemm};
+use super::{FlexKind, Product, cast, exp, flex_kind, gemm};
 
 /// The fused attention where `B` is `Flex` or `Autodiff<Flex>` (with or without
 /// checkpointing) and the tensors are f32; `None` otherwise.
@@ -46,31 +45,28 @@ pub(crate) fn try_attention<B: Backend>(
     mask: Option<&Tensor<B, 4, Bool>>,
     scale: f64,
 ) -> Option<Tensor<B, 4>> {
-    let id = TypeId::of::<B>();
-    if id == TypeId::of::<Flex>() {
-        let (q, k, v) = (
-            cast::<_, Tensor<Flex, 4>>(q.clone())?,
-            cast::<_, Tensor<Flex, 4>>(k.clone())?,
-            cast::<_, Tensor<Flex, 4>>(v.clone())?,
-        );
-        let mask = host_mask(mask)?;
-        let (q, k, v) = (
-            q.into_primitive().tensor(),
-            k.into_primitive().tensor(),
-            v.into_primitive().tensor(),
-        );
-        let inputs = Inputs::new(&q, &k, &v, mask.as_ref())?;
-        let (out, _) = inputs.forward(scale as f32, false);
-        let out = Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(out));
-        return cast(out);
+    match flex_kind::<B>()? {
+        FlexKind::Plain => {
+            let (q, k, v) = (
+                cast::<_, Tensor<Flex, 4>>(q.clone())?,
+                cast::<_, Tensor<Flex, 4>>(k.clone())?,
+                cast::<_, Tensor<Flex, 4>>(v.clone())?,
+            );
+            let mask = host_mask(mask)?;
+            let (q, k, v) = (
+                q.into_primitive().tensor(),
+                k.into_primitive().tensor(),
+                v.into_primitive().tensor(),
+            );
+            let inputs = Inputs::new(&q, &k, &v, mask.as_ref())?;
+            let (out, _) = inputs.forward(scale as f32, false);
+            cast(Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(
+                out,
+            )))
+        }
+        FlexKind::Autodiff => on_autodiff::<B, NoCheckpointing>(q, k, v, mask, scale),
+        FlexKind::Balanced => on_autodiff::<B, BalancedCheckpointing>(q, k, v, mask, scale),
     }
-    if id == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() {
-        return on_autodiff::<B, NoCheckpointing>(q, k, v, mask, scale);
-    }
-    if id == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>() {
-        return on_autodiff::<B, BalancedCheckpointing>(q, k, v, mask, scale);
-    }
-    None
 }
 
 /// The mask as booleans with its shape, `Some(None)` without a mask, `None` where it cannot
@@ -295,13 +291,11 @@ impl<'a> Inputs<'a> {
                         &mut scratch
                     }
                 };
+                // Each head's probabilities where they are kept, the one buffer otherwise.
+                let stride = if keep { s * t } else { 0 };
                 for r in 0..rep {
                     let head = g * rep + r;
-                    let p = if keep {
-                        &mut probs[r * s * t..(r + 1) * s * t]
-                    } else {
-                        &mut probs[..]
-                    };
+                    let p = &mut probs[r * stride..r * stride + s * t];
                     let (q, q_rs, q_cs) = self.q.matrix(b, head);
                     // scores = scale q k^T
                     gemm(Product {

@@ -9,8 +9,6 @@
 //! in place. Under autodiff the node keeps only that gradient (100 MB); the backward pass
 //! scales it by the incoming gradient.
 
-use std::any::TypeId;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{
     BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
@@ -23,7 +21,7 @@ use burn::tensor::{TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{cast, contiguous_f32, exp};
+use super::{FlexKind, cast, contiguous_f32, exp, flex_kind};
 
 /// The fused loss where `B` is `Flex` or `Autodiff<Flex>`, the logits are f32 and every
 /// target is a valid column; `None` otherwise.
@@ -35,13 +33,7 @@ pub(crate) fn try_cross_entropy_sum<B: Backend>(
     if targets.dims() != [n, 1] {
         return None;
     }
-    let id = TypeId::of::<B>();
-    let fused = id == TypeId::of::<Flex>()
-        || id == TypeId::of::<Autodiff<Flex, NoCheckpointing>>()
-        || id == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>();
-    if !fused {
-        return None;
-    }
+    let kind = flex_kind::<B>()?;
     let t: Vec<usize> = targets
         .to_data()
         .convert::<i64>()
@@ -50,17 +42,17 @@ pub(crate) fn try_cross_entropy_sum<B: Backend>(
         .into_iter()
         .map(|t| usize::try_from(t).ok().filter(|&t| t < v))
         .collect::<Option<_>>()?;
-    if id == TypeId::of::<Flex>() {
-        let z = cast::<_, Tensor<Flex, 2>>(z.clone())?
-            .into_primitive()
-            .tensor();
-        let (nll, _) = loss(&contiguous_f32(&z)?, &t, false);
-        return cast(scalar::<Flex>(nll));
+    match kind {
+        FlexKind::Plain => {
+            let z = cast::<_, Tensor<Flex, 2>>(z.clone())?
+                .into_primitive()
+                .tensor();
+            let (nll, _) = loss(&contiguous_f32(&z)?, &t, false);
+            cast(scalar::<Flex>(nll))
+        }
+        FlexKind::Autodiff => on_autodiff::<B, NoCheckpointing>(z, &t),
+        FlexKind::Balanced => on_autodiff::<B, BalancedCheckpointing>(z, &t),
     }
-    if id == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() {
-        return on_autodiff::<B, NoCheckpointing>(z, &t);
-    }
-    on_autodiff::<B, BalancedCheckpointing>(z, &t)
 }
 
 fn scalar<B: Backend>(x: f64) -> Tensor<B, 1> {

@@ -7,14 +7,47 @@
 //! over host memory and, under autodiff, registers it as one graph node with its own
 //! backward pass. Every other backend, and dtypes other than f32, keep the burn ops.
 //!
-//! Public here: [`gemm()`], a bounds-checked strided f32 product on the `gemm` crate, which the
-//! 4-bit host kernels of `peft-qlora` share.
+//! Public here, shared with the 4-bit host kernels of `peft-qlora`: [`gemm()`], a
+//! bounds-checked strided f32 product on the `gemm` crate, and [`contiguous`].
 
 pub(crate) mod attention;
 pub(crate) mod cross_entropy;
 pub(crate) mod swiglu;
 
-use std::any::Any;
+use std::any::{Any, TypeId};
+
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
+use burn::backend::{Autodiff, Flex};
+use burn::prelude::Backend;
+use burn_flex::FlexTensor;
+
+/// Which CPU backend `B` is, for the fused operations; `None` for any other backend.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FlexKind {
+    /// `Flex`: the forward pass only.
+    Plain,
+    /// `Autodiff<Flex>` (no checkpointing).
+    Autodiff,
+    /// `Autodiff<Flex, BalancedCheckpointing>`.
+    Balanced,
+}
+
+fn flex_kind<B: Backend>() -> Option<FlexKind> {
+    let id = TypeId::of::<B>();
+    [
+        (TypeId::of::<Flex>(), FlexKind::Plain),
+        (
+            TypeId::of::<Autodiff<Flex, NoCheckpointing>>(),
+            FlexKind::Autodiff,
+        ),
+        (
+            TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>(),
+            FlexKind::Balanced,
+        ),
+    ]
+    .into_iter()
+    .find_map(|(t, kind)| (t == id).then_some(kind))
+}
 
 /// `t` as a `U` when `T` is `U` (a checked downcast; `None` otherwise).
 fn cast<T: 'static, U: 'static>(t: T) -> Option<U> {
@@ -24,17 +57,19 @@ fn cast<T: 'static, U: 'static>(t: T) -> Option<U> {
         .map(|b| *b)
 }
 
-/// `t` as a contiguous f32 tensor from offset 0 (itself when it already is), or `None` when
-/// it is not f32.
-pub(crate) fn contiguous_f32(t: &burn_flex::FlexTensor) -> Option<burn_flex::FlexTensor> {
-    if t.dtype() != burn::tensor::DType::F32 {
-        return None;
-    }
-    Some(if t.is_contiguous() && t.layout().start_offset() == 0 {
+/// `t` contiguous from offset 0: a clone of the same storage when it already is, a copy
+/// otherwise.
+pub fn contiguous(t: &FlexTensor) -> FlexTensor {
+    if t.is_contiguous() && t.layout().start_offset() == 0 {
         t.clone()
     } else {
         t.to_contiguous()
-    })
+    }
+}
+
+/// [`contiguous`] for an f32 tensor, `None` for any other dtype.
+pub(crate) fn contiguous_f32(t: &FlexTensor) -> Option<FlexTensor> {
+    (t.dtype() == burn::tensor::DType::F32).then(|| contiguous(t))
 }
 
 /// `e^x` in f32, branch-free so that loops over slices vectorize: `x = n ln 2 + r` with

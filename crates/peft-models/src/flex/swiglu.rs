@@ -6,8 +6,6 @@
 //! and `up` (which the projections' own nodes keep anyway):
 //! `d gate = dy up s (1 + gate (1 - s))`, `d up = dy gate s`, with `s = sigmoid(gate)`.
 
-use std::any::TypeId;
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::{
     BalancedCheckpointing, CheckpointStrategy, NoCheckpointing,
@@ -20,7 +18,7 @@ use burn::tensor::{TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{cast, contiguous_f32, exp};
+use super::{FlexKind, cast, contiguous_f32, exp, flex_kind};
 
 /// Values per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -38,25 +36,20 @@ pub(crate) fn try_swiglu<B: Backend, const D: usize>(
     if gate.dims() != up.dims() {
         return None;
     }
-    let id = TypeId::of::<B>();
-    if id == TypeId::of::<Flex>() {
-        let g = cast::<_, Tensor<Flex, D>>(gate.clone())?
-            .into_primitive()
-            .tensor();
-        let u = cast::<_, Tensor<Flex, D>>(up.clone())?
-            .into_primitive()
-            .tensor();
-        let (g, u) = (contiguous_f32(&g)?, contiguous_f32(&u)?);
-        let y = forward(&g, &u);
-        return cast(Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(y)));
+    match flex_kind::<B>()? {
+        FlexKind::Plain => {
+            let g = cast::<_, Tensor<Flex, D>>(gate.clone())?
+                .into_primitive()
+                .tensor();
+            let u = cast::<_, Tensor<Flex, D>>(up.clone())?
+                .into_primitive()
+                .tensor();
+            let y = forward(&contiguous_f32(&g)?, &contiguous_f32(&u)?);
+            cast(Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(y)))
+        }
+        FlexKind::Autodiff => on_autodiff::<B, NoCheckpointing, D>(gate, up),
+        FlexKind::Balanced => on_autodiff::<B, BalancedCheckpointing, D>(gate, up),
     }
-    if id == TypeId::of::<Autodiff<Flex, NoCheckpointing>>() {
-        return on_autodiff::<B, NoCheckpointing, D>(gate, up);
-    }
-    if id == TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>() {
-        return on_autodiff::<B, BalancedCheckpointing, D>(gate, up);
-    }
-    None
 }
 
 fn values(t: &FlexTensor) -> &[f32] {
