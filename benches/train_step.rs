@@ -200,6 +200,19 @@ pub struct Stepper<B: AutodiffBackend, M> {
     device: B::Device,
     /// Trainable parameters.
     pub trainable: usize,
+    /// Seconds spent in each phase of the last step.
+    pub phases: Phases,
+}
+
+/// Seconds spent in the phases of a step.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Phases {
+    /// The forward pass and the loss.
+    pub forward: f64,
+    /// The backward pass.
+    pub backward: f64,
+    /// Collecting the gradients, clipping and AdamW.
+    pub optimizer: f64,
 }
 
 impl<B, M> Stepper<B, M>
@@ -216,6 +229,7 @@ where
             objective: TokenCrossEntropy { pad: 0 },
             device: device.clone(),
             trainable,
+            phases: Phases::default(),
         }
     }
 
@@ -226,7 +240,13 @@ where
         M: 'static,
     {
         let n = self.trainable;
-        (Box::new(move || self.step()), n)
+        (
+            Box::new(move || {
+                let loss = self.step();
+                (loss, self.phases)
+            }),
+            n,
+        )
     }
 
     /// One step: forward, backward, clipping, AdamW. Returns the mean token loss (reading
@@ -238,14 +258,23 @@ where
             .expect("the model is back after every step");
         let refs: Vec<&Tokenized> = self.batch.iter().collect();
         let targets: usize = refs.iter().map(|e| self.objective.targets(e)).sum();
+        let t = std::time::Instant::now();
         let loss = self.objective.loss(&model, &refs, &self.device);
         let value: f32 = loss.clone().into_scalar().elem();
+        let t_forward = t.elapsed().as_secs_f64();
         let grads = (loss / targets as f64).backward();
+        let t_backward = t.elapsed().as_secs_f64();
         let mut store = GradStore::<B::InnerBackend>::default();
         store.accumulate(&model, &grads);
         drop(grads);
         store.clip_global_norm(1.0);
         self.model = Some(self.adam.step(model, store, 1e-4));
+        let t_all = t.elapsed().as_secs_f64();
+        self.phases = Phases {
+            forward: t_forward,
+            backward: t_backward - t_forward,
+            optimizer: t_all - t_backward,
+        };
         value / targets as f32
     }
 }
@@ -268,8 +297,8 @@ fn lora_fields(shape: &StepShape) -> LoraFields {
     }
 }
 
-/// A boxed training step returning the mean token loss.
-pub type StepFn = Box<dyn FnMut() -> f32>;
+/// A boxed training step returning the mean token loss and the time of its phases.
+pub type StepFn = Box<dyn FnMut() -> (f32, Phases)>;
 
 /// Builds the model of `method` and returns a boxed step function and the number of
 /// trainable parameters.

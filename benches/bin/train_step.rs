@@ -16,7 +16,8 @@
 //! --grad-checkpointing true` uses): memory-bound operations are recomputed in the backward
 //! pass instead of kept.
 //!
-//! Prints one JSON line: method, backend, shape, trainable parameters, seconds per step,
+//! Prints one JSON line: method, backend, shape, trainable parameters, seconds per step
+//! (and in its forward pass, backward pass and optimizer step),
 //! tokens per second, peak resident memory and the peak of the bytes live on the heap.
 
 #![allow(clippy::print_stderr)] // a command-line tool reports its failure on stderr
@@ -24,7 +25,7 @@
 use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
-use peft_benches::train_step::{Method, StepShape, peak_rss_bytes, stepper};
+use peft_benches::train_step::{Method, Phases, StepShape, peak_rss_bytes, stepper};
 
 struct Args {
     method: Method,
@@ -149,8 +150,13 @@ fn measure<B: AutodiffBackend + peft_qlora::QuantBackend>(
     }
     let t = Instant::now();
     let mut loss = 0.0;
+    let mut phases = Phases::default();
     for _ in 0..a.steps {
-        loss = step();
+        let (l, p) = step();
+        loss = l;
+        phases.forward += p.forward / a.steps as f64;
+        phases.backward += p.backward / a.steps as f64;
+        phases.optimizer += p.optimizer / a.steps as f64;
     }
     let step_s = t.elapsed().as_secs_f64() / a.steps as f64;
     if !loss.is_finite() {
@@ -171,6 +177,9 @@ fn measure<B: AutodiffBackend + peft_qlora::QuantBackend>(
         "build_s": build_s,
         "steps": a.steps,
         "step_s": step_s,
+        "forward_s": phases.forward,
+        "backward_s": phases.backward,
+        "optimizer_s": phases.optimizer,
         "tokens_per_s": tokens / step_s,
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_heap_bytes": PEAK.load(std::sync::atomic::Ordering::Relaxed),

@@ -125,6 +125,11 @@ impl<B: Backend> GradStore<B> {
         self.grads.get(path)
     }
 
+    /// The parameters' paths with their (flattened) gradients, in path order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor<B, 1>)> {
+        self.grads.iter().map(|(path, g)| (path.as_str(), g))
+    }
+
     /// Number of parameters with a gradient.
     pub fn len(&self) -> usize {
         self.grads.len()
