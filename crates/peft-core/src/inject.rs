@@ -349,7 +349,7 @@ impl<B: Backend> LinearWeight<B> for burn::nn::Linear<B> {
         let rows = dims[..D - 1].iter().product::<usize>();
         let w = self.weight.val();
         let out = w.dims()[1];
-        let y = x.reshape([rows, inp]).matmul(w);
+        let y = crate::fused::linear(x.reshape([rows, inp]), w);
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze::<2>(),
             None => y,

@@ -64,12 +64,15 @@
 //! - [`trainable`]: freezing everything but the adapter, and the trainable-parameter report.
 //! - [`config`]: `adapter_config.json` for every peft type this project knows.
 //! - [`format`](mod@format): `adapter_model.safetensors` with peft's key names, validated on load.
+//! - [`fused`]: the linear product and the low-rank update as fused operations on the CPU
+//!   backend.
 //! - [`error`]: the crate's error type.
 
 pub mod adapters;
 pub mod config;
 pub mod error;
 pub mod format;
+pub mod fused;
 pub mod inject;
 pub mod linalg;
 pub mod model;

@@ -202,7 +202,19 @@ impl<B: Backend> LinearAdapter<B> for LoraLayer<B> {
         let mut dims = x.dims();
         let (rows, inp) = (dims[..D - 1].iter().product::<usize>(), dims[D - 1]);
         let b = self.lora_b.val();
-        dims[D - 1] = b.dims()[1];
+        let out = b.dims()[1];
+        dims[D - 1] = out;
+        if self.magnitude.is_none() && self.lora_b_bias.is_none() {
+            // Plain LoRA: one fused update, added into the base output's buffer on the CPU.
+            return peft_core::fused::low_rank_add(
+                output.reshape([rows, out]),
+                &x.reshape([rows, inp]),
+                self.lora_a.val(),
+                b,
+                self.scaling,
+            )
+            .reshape(dims);
+        }
         let lora = x
             .clone()
             .reshape([rows, inp])
@@ -290,6 +302,13 @@ fn is_pissa(init: &InitLoraWeights) -> Result<bool> {
         };
     }
     Ok(false)
+}
+
+/// peft's `[out, in]`-style factor as the `[in, out]`-style parameter, laid out
+/// contiguously (the CPU kernels of the fused update read contiguous factors in place).
+fn transposed<B: Backend>(data: TensorData, device: &B::Device) -> Tensor<B, 2> {
+    let t = Tensor::<B, 2>::from_data(data, device).transpose();
+    Tensor::from_data(t.into_data(), device)
 }
 
 /// PiSSA's factors of a weight `W` (`[out, in]`), as peft computes them: with
@@ -710,8 +729,8 @@ where
             layer.base.set_weight(res, layer.base.bias())?;
         }
         let lora = LoraLayer {
-            lora_a: Param::from_tensor(Tensor::<B, 2>::from_data(a, device).transpose()),
-            lora_b: Param::from_tensor(Tensor::<B, 2>::from_data(b, device).transpose()),
+            lora_a: Param::from_tensor(transposed::<B>(a, device)),
+            lora_b: Param::from_tensor(transposed::<B>(b, device)),
             magnitude,
             lora_b_bias,
             dropout: DropoutConfig::new(fields.lora_dropout).init(),

@@ -408,9 +408,7 @@ where
                 let [b, s, d] = hidden.dims();
                 let w = self.model.embed_tokens.weight.val();
                 let v = w.dims()[0];
-                hidden
-                    .reshape([b * s, d])
-                    .matmul(w.transpose())
+                peft_core::fused::linear(hidden.reshape([b * s, d]), w.transpose())
                     .reshape([b, s, v])
             }
         }

@@ -37,11 +37,36 @@ impl<B: Backend> RmsNorm<B> {
         })
     }
 
-    /// Normalises over the last dimension.
+    /// Normalises over the last dimension. On the CPU backend (`Flex`, `Autodiff<Flex>`,
+    /// f32, feature `flex`) one parallel pass forward and one backward, one graph node under
+    /// autodiff; burn operations elsewhere.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if let Some(y) = fused_rms_norm(&x, &self.weight.val(), self.eps) {
+            return y;
+        }
         let var = x.clone().powi_scalar(2).mean_dim(D - 1);
         let x = x * (var + self.eps).sqrt().recip();
         x * self.weight.val().unsqueeze::<D>()
+    }
+}
+
+/// [`RmsNorm`]'s computation as one fused operation, where the backend has one: on the CPU
+/// backend (`Flex`, `Autodiff<Flex>`, f32, feature `flex`) a parallel pass over the rows
+/// and, under autodiff, one node that keeps `x` and the row factors. `None` on other
+/// backends; [`RmsNorm::forward`] takes this path whenever it applies.
+pub fn fused_rms_norm<B: Backend, const D: usize>(
+    x: &Tensor<B, D>,
+    weight: &Tensor<B, 1>,
+    eps: f64,
+) -> Option<Tensor<B, D>> {
+    #[cfg(feature = "flex")]
+    {
+        crate::flex::rms_norm::try_rms_norm(x, weight, eps)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (x, weight, eps);
+        None
     }
 }
 
@@ -120,12 +145,17 @@ pub fn rope_tables_for_heads<B: Backend>(
 }
 
 /// Applies rotary embeddings to `x: [batch, seq, heads, head_dim]` with the tables of
-/// [`rope_tables_for_heads`]: `x * cos + rotate_half(x) * sin`.
+/// [`rope_tables_for_heads`]: `x * cos + rotate_half(x) * sin`. On the CPU backend
+/// (`Flex`, `Autodiff<Flex>`, f32, feature `flex`) one parallel pass each way, one graph
+/// node under autodiff; burn operations elsewhere.
 pub fn apply_rope_bshd<B: Backend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 3>,
     sin: &Tensor<B, 3>,
 ) -> Tensor<B, 4> {
+    if let Some(y) = fused_rope(&x, cos, sin) {
+        return y;
+    }
     let [b, s, h, d] = x.dims();
     let n = s * h * d;
     let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..d / 2]);
@@ -135,6 +165,26 @@ pub fn apply_rope_bshd<B: Backend>(
     // backend runs as a vectorised loop (a 4-D broadcast walks element by element).
     let (cos, sin) = (cos.clone().reshape([1, n]), sin.clone().reshape([1, n]));
     (x.reshape([b, n]) * cos + rotated * sin).reshape([b, s, h, d])
+}
+
+/// [`apply_rope_bshd`] as one fused operation, where the backend has one: on the CPU
+/// backend (`Flex`, `Autodiff<Flex>`, f32, feature `flex`) one parallel pass each way and
+/// one node under autodiff. `None` on other backends; [`apply_rope_bshd`] takes this path
+/// whenever it applies.
+pub fn fused_rope<B: Backend>(
+    x: &Tensor<B, 4>,
+    cos: &Tensor<B, 3>,
+    sin: &Tensor<B, 3>,
+) -> Option<Tensor<B, 4>> {
+    #[cfg(feature = "flex")]
+    {
+        crate::flex::rope::try_rope(x, cos, sin)
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = (x, cos, sin);
+        None
+    }
 }
 
 /// Which key positions each query may attend to, `[batch, 1, queries, keys]` (true =

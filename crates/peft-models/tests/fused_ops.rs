@@ -2,7 +2,9 @@
 //! ones (burn tensor operations, here on ndarray). Attention: outputs and the gradients of
 //! `q`, `k` and `v`, with grouped-query heads, strided inputs, causal and padding masks, and
 //! a row whose keys are all masked. SwiGLU: outputs and both gradients, saturated gates
-//! included. The summed cross-entropy: value and gradient, under a scaled loss.
+//! included. The summed cross-entropy: value and gradient, under a scaled loss. RMSNorm:
+//! output and the gradients of the input and the weight. Rotary embeddings: output and
+//! input gradient.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -27,7 +29,7 @@ struct Case {
     padding: bool,
 }
 
-const CASES: [Case; 4] = [
+const CASES: [Case; 6] = [
     // SmolLM2's grouping (3 query heads per key/value head), causal, padded.
     Case {
         b: 2,
@@ -71,6 +73,28 @@ const CASES: [Case; 4] = [
         d: 4,
         causal: true,
         padding: true,
+    },
+    // Several blocks of query rows, each stopping at its own last visible key.
+    Case {
+        b: 2,
+        h: 3,
+        kvh: 1,
+        s: 70,
+        t: 70,
+        d: 8,
+        causal: true,
+        padding: true,
+    },
+    // Several blocks over cached keys.
+    Case {
+        b: 1,
+        h: 2,
+        kvh: 2,
+        s: 40,
+        t: 75,
+        d: 4,
+        causal: true,
+        padding: false,
     },
 ];
 
@@ -270,4 +294,84 @@ fn fused_cross_entropy_matches_the_generic_one() {
     let z = Tensor::<Flex, 2>::zeros([2, 3], &device);
     let t = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![1i64, 3], [2, 1]), &device);
     assert!(fused_cross_entropy_sum(&z, &t).is_none());
+}
+
+/// `(y, dx, dw)` of `sum(c * rms_norm(x))` for a strided `x` (a transposed view) and a
+/// weight away from one.
+fn normed<B: AutodiffBackend>(fused: bool) -> [Vec<f32>; 3] {
+    let device = Default::default();
+    let [b, s, n] = [2, 5, 37];
+    let x = Tensor::<B, 3>::from_data(TensorData::new(values(b * s * n, 11), [b, n, s]), &device)
+        .require_grad();
+    let w = Tensor::<B, 1>::from_data(
+        TensorData::new(values(n, 12).iter().map(|v| 1.0 + v).collect(), [n]),
+        &device,
+    )
+    .require_grad();
+    let c = Tensor::<B, 3>::from_data(TensorData::new(values(b * s * n, 13), [b, s, n]), &device);
+    let norm = peft_models::nn::RmsNorm {
+        weight: burn::module::Param::from_tensor(w.clone()),
+        eps: 1e-5,
+    };
+    let xs = x.clone().swap_dims(1, 2);
+    let y = if fused {
+        peft_models::nn::fused_rms_norm(&xs, &norm.weight.val(), norm.eps)
+            .expect("flex fuses the norm")
+    } else {
+        norm.forward(xs)
+    };
+    let grads = (y.clone() * c).sum().backward();
+    let dw = norm.weight.grad(&grads).unwrap();
+    [
+        y.into_data().to_vec::<f32>().unwrap(),
+        x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+        dw.into_data().to_vec::<f32>().unwrap(),
+    ]
+}
+
+#[test]
+fn fused_rms_norm_matches_the_generic_one() {
+    let want = normed::<Autodiff<NdArray>>(false);
+    let got = normed::<Autodiff<Flex>>(true);
+    for (what, (g, w)) in ["y", "dx", "dw"].iter().zip(got.iter().zip(&want)) {
+        assert_close(g, w, what);
+    }
+}
+
+/// `(y, dx)` of `sum(c * rope(x))` at positions 3..8, three heads of size 8.
+fn rotated<B: AutodiffBackend>(fused: bool) -> [Vec<f32>; 2] {
+    let device = Default::default();
+    let [b, s, h, d] = [2, 5, 3, 8];
+    let x = Tensor::<B, 4>::from_data(
+        TensorData::new(values(b * s * h * d, 21), [b, s, h, d]),
+        &device,
+    )
+    .require_grad();
+    let c = Tensor::<B, 4>::from_data(
+        TensorData::new(values(b * s * h * d, 22), [b, s, h, d]),
+        &device,
+    );
+    let inv_freq: Vec<f64> = (0..d / 2)
+        .map(|i| 10000f64.powf(-2.0 * i as f64 / d as f64))
+        .collect();
+    let (cos, sin) = peft_models::nn::rope_tables_for_heads::<B>(&inv_freq, 3..8, h, &device);
+    let y = if fused {
+        peft_models::nn::fused_rope(&x, &cos, &sin).expect("flex fuses the rotation")
+    } else {
+        peft_models::nn::apply_rope_bshd(x.clone(), &cos, &sin)
+    };
+    let grads = (y.clone() * c).sum().backward();
+    [
+        y.into_data().to_vec::<f32>().unwrap(),
+        x.grad(&grads).unwrap().into_data().to_vec::<f32>().unwrap(),
+    ]
+}
+
+#[test]
+fn fused_rope_matches_the_generic_one() {
+    let want = rotated::<Autodiff<NdArray>>(false);
+    let got = rotated::<Autodiff<Flex>>(true);
+    for (what, (g, w)) in ["y", "dx"].iter().zip(got.iter().zip(&want)) {
+        assert_close(g, w, what);
+    }
 }

@@ -333,7 +333,7 @@ fn grpo_trains_a_tiny_policy_towards_the_rewarded_token() {
     let opts = TrainOptions {
         lr: 1e-1,
         batch_size: 2,
-        max_steps: Some(16),
+        max_steps: Some(24),
         progress: false,
         max_grad_norm: None,
         ..Default::default()
@@ -353,7 +353,7 @@ fn grpo_trains_a_tiny_policy_towards_the_rewarded_token() {
     let after = low_mass(&done.model, &prompts);
     println!("P(token < 64) {before:.4} -> {after:.4}");
     let lines = read(&out.path().join(METRICS_FILE)).unwrap();
-    assert_eq!(lines.len(), 16);
+    assert_eq!(lines.len(), 24);
     let rewards: Vec<f64> = lines.iter().map(|l| l.extra["reward"]).collect();
     for k in [
         "reward",

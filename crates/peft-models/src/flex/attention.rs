@@ -34,7 +34,7 @@ use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{FlexKind, Product, cast, exp, flex_kind, gemm};
+use super::{FlexKind, Product, cast, dot, flex_kind, gemm, softmax_in_place};
 
 /// The fused attention where `B` is `Flex` or `Autodiff<Flex>` (with or without
 /// checkpointing) and the tensors are f32; `None` otherwise.
@@ -52,7 +52,7 @@ pub(crate) fn try_attention<B: Backend>(
                 cast::<_, Tensor<Flex, 4>>(k.clone())?,
                 cast::<_, Tensor<Flex, 4>>(v.clone())?,
             );
-            let mask = host_mask(mask)?;
+            let mask = host_mask(mask, k.dims()[2])?;
             let (q, k, v) = (
                 q.into_primitive().tensor(),
                 k.into_primitive().tensor(),
@@ -71,13 +71,19 @@ pub(crate) fn try_attention<B: Backend>(
 
 /// The mask as booleans with its shape, `Some(None)` without a mask, `None` where it cannot
 /// be read.
-fn host_mask<B: Backend>(mask: Option<&Tensor<B, 4, Bool>>) -> Option<Option<HostMask>> {
+fn host_mask<B: Backend>(
+    mask: Option<&Tensor<B, 4, Bool>>,
+    keys: usize,
+) -> Option<Option<HostMask>> {
     let Some(mask) = mask else {
         return Some(None);
     };
     let dims = mask.dims();
+    if dims[3] != keys && dims[3] != 1 {
+        return None;
+    }
     let values = mask.to_data().to_vec::<bool>().ok()?;
-    Some(Some(HostMask { values, dims }))
+    Some(Some(HostMask::new(values, dims, keys)))
 }
 
 fn on_autodiff<B: Backend, C: CheckpointStrategy>(
@@ -99,7 +105,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
             .into_primitive()
             .tensor(),
     );
-    let mask = host_mask(mask)?.map(Arc::new);
+    let mask = host_mask(mask, k.primitive.shape()[2])?.map(Arc::new);
     let inputs = Inputs::new(&q.primitive, &k.primitive, &v.primitive, mask.as_deref())?;
     let scale = scale as f32;
     let out = match AttentionBackward
@@ -159,21 +165,62 @@ impl Backward<Flex, 3> for AttentionBackward {
     }
 }
 
-/// A boolean mask `[mb, mh, ms, mt]` that broadcasts over `[batch, heads, queries, keys]`.
+/// A boolean mask `[mb, mh, ms, t]` that broadcasts over `[batch, heads, queries, keys]`,
+/// with, for each of its rows, the end of the keys a query may see (one past the last
+/// unmasked key; every key when all are masked, as the generic path then attends uniformly).
 #[derive(Debug)]
 struct HostMask {
     values: Vec<bool>,
     dims: [usize; 4],
+    limits: Vec<usize>,
 }
 
 impl HostMask {
-    /// Whether key `j` is masked for query `i` of head `h` in batch `b`.
-    fn masked(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
-        let [mb, mh, ms, mt] = self.dims;
+    /// The mask `values` of shape `dims`, its key dimension broadcast to `t` keys.
+    fn new(values: Vec<bool>, dims: [usize; 4], t: usize) -> Self {
+        let [mb, mh, ms, mt] = dims;
+        let values: Vec<bool> = if mt == t {
+            values
+        } else {
+            values
+                .iter()
+                .flat_map(|&v| std::iter::repeat_n(v, t))
+                .collect()
+        };
+        let limits = (0..mb * mh * ms)
+            .map(|r| {
+                let row = &values[r * t..(r + 1) * t];
+                row.iter().rposition(|&m| !m).map_or(t, |j| j + 1)
+            })
+            .collect();
+        Self {
+            values,
+            dims: [mb, mh, ms, t],
+            limits,
+        }
+    }
+
+    fn index(&self, b: usize, h: usize, i: usize) -> usize {
+        let [mb, mh, ms, _] = self.dims;
         let at = |x: usize, n: usize| if n == 1 { 0 } else { x };
-        self.values[((at(b, mb) * mh + at(h, mh)) * ms + at(i, ms)) * mt + at(j, mt)]
+        (at(b, mb) * mh + at(h, mh)) * ms + at(i, ms)
+    }
+
+    /// The mask of query `i` of head `h` in batch `b` over the keys (true = masked).
+    fn row(&self, b: usize, h: usize, i: usize) -> &[bool] {
+        let t = self.dims[3];
+        &self.values[self.index(b, h, i) * t..][..t]
+    }
+
+    /// One past the last key that query `i` of head `h` in batch `b` may see.
+    fn limit(&self, b: usize, h: usize, i: usize) -> usize {
+        self.limits[self.index(b, h, i)]
     }
 }
+
+/// Query rows per block: a block's products stop at the last key any of its rows may see,
+/// which skips about half of a causal mask's work.
+const BLOCK: usize = 32;
 
 /// A 4-D f32 tensor's storage, start offset and strides (all non-negative).
 struct View<'a> {
@@ -258,14 +305,23 @@ impl<'a> Inputs<'a> {
         })
     }
 
-    /// The output `[batch, heads, queries, value size]` and, when `keep`, the
-    /// probabilities.
+    /// One past the last key any of the query rows `i0..i0 + rows` of `head` in batch `b`
+    /// may see.
+    fn keys_for(&self, b: usize, head: usize, i0: usize, rows: usize) -> usize {
+        self.mask.map_or(self.t, |m| {
+            (i0..i0 + rows)
+                .map(|i| m.limit(b, head, i))
+                .max()
+                .unwrap_or(0)
+        })
+    }
+
+    /// The output and, when `keep`, the probabilities (`[batch, heads, queries, keys]`).
+    /// The output's storage is `[batch, queries, heads, value size]`, the layout the output
+    /// projection reads, under a `[batch, heads, queries, value size]` view.
     fn forward(&self, scale: f32, keep: bool) -> (FlexTensor, Option<Vec<f32>>) {
         let (s, t, d, dv) = (self.s, self.t, self.d, self.dv);
         let rep = self.h / self.kvh;
-        let mut out = vec![0.0f32; self.b * self.h * s * dv];
-        // The probabilities of every head when the backward pass needs them; otherwise one
-        // head's at a time per task (a long prompt's scores are `heads x s x t` floats).
         let mut probs = if keep {
             vec![0.0f32; self.b * self.h * s * t]
         } else {
@@ -276,70 +332,99 @@ impl<'a> Inputs<'a> {
         } else {
             (0..self.b * self.kvh).map(|_| None).collect()
         };
-        out.par_chunks_mut(rep * s * dv)
-            .zip(task_probs)
+        // Each (batch, key/value head) task writes its heads' outputs, `[rep, s, dv]`.
+        let outs: Vec<Vec<f32>> = task_probs
+            .into_par_iter()
             .enumerate()
-            .for_each(|(task, (out, kept))| {
+            .map(|(task, mut kept)| {
                 let (b, g) = (task / self.kvh, task % self.kvh);
                 let (k, k_rs, k_cs) = self.k.matrix(b, g);
                 let (v, v_rs, v_cs) = self.v.matrix(b, g);
-                let mut scratch = Vec::new();
-                let probs: &mut [f32] = match kept {
-                    Some(p) => p,
-                    None => {
-                        scratch.resize(s * t, 0.0);
-                        &mut scratch
-                    }
-                };
-                // Each head's probabilities where they are kept, the one buffer otherwise.
-                let stride = if keep { s * t } else { 0 };
+                let mut out = vec![0.0f32; rep * s * dv];
+                let mut scores = vec![0.0f32; BLOCK.min(s) * t];
                 for r in 0..rep {
                     let head = g * rep + r;
-                    let p = &mut probs[r * stride..r * stride + s * t];
                     let (q, q_rs, q_cs) = self.q.matrix(b, head);
-                    // scores = scale q k^T
-                    gemm(Product {
-                        m: s,
-                        n: t,
-                        k: d,
-                        dst: p,
-                        dst_rs: t,
-                        accumulate: false,
-                        alpha: scale,
-                        lhs: (q, q_rs, q_cs),
-                        rhs: (k, k_cs, k_rs),
-                        parallel: false,
-                    });
-                    for (i, row) in p.chunks_mut(t).enumerate() {
-                        if let Some(m) = self.mask {
-                            for (j, x) in row.iter_mut().enumerate() {
-                                if m.masked(b, head, i, j) {
-                                    *x = f32::MIN;
+                    for i0 in (0..s).step_by(BLOCK) {
+                        let rows = BLOCK.min(s - i0);
+                        let n = self.keys_for(b, head, i0, rows);
+                        let p = &mut scores[..rows * n];
+                        // scores = scale q k^T over the keys the block may see
+                        gemm(Product {
+                            m: rows,
+                            n,
+                            k: d,
+                            dst: p,
+                            dst_rs: n,
+                            accumulate: false,
+                            alpha: scale,
+                            lhs: (&q[i0 * q_rs..], q_rs, q_cs),
+                            rhs: (k, k_cs, k_rs),
+                            parallel: false,
+                        });
+                        for (ii, row) in p.chunks_mut(n.max(1)).enumerate() {
+                            if let Some(m) = self.mask {
+                                for (x, &masked) in row.iter_mut().zip(m.row(b, head, i0 + ii)) {
+                                    *x = if masked { f32::MIN } else { *x };
                                 }
                             }
+                            softmax_in_place(row);
+                            if let Some(kept) = kept.as_deref_mut() {
+                                kept[(r * s + i0 + ii) * t..][..n].copy_from_slice(row);
+                            }
                         }
-                        softmax_in_place(row);
+                        // out = P v
+                        gemm(Product {
+                            m: rows,
+                            n: dv,
+                            k: n,
+                            dst: &mut out[(r * s + i0) * dv..],
+                            dst_rs: dv,
+                            accumulate: false,
+                            alpha: 1.0,
+                            lhs: (p, n, 1),
+                            rhs: (v, v_rs, v_cs),
+                            parallel: false,
+                        });
                     }
-                    // out = P v
-                    gemm(Product {
-                        m: s,
-                        n: dv,
-                        k: t,
-                        dst: &mut out[r * s * dv..(r + 1) * s * dv],
-                        dst_rs: dv,
-                        accumulate: false,
-                        alpha: 1.0,
-                        lhs: (p, t, 1),
-                        rhs: (v, v_rs, v_cs),
-                        parallel: false,
-                    });
                 }
-            });
-        let out = flex(out, [self.b, self.h, s, dv]);
+                out
+            })
+            .collect();
+        let out = self.interleave_refs(&outs.iter().collect::<Vec<_>>(), rep, s, dv);
         (out, keep.then_some(probs))
     }
 
-    /// `[dq, dk, dv]` from the output gradient `grad` and the kept probabilities.
+    /// The tasks' `[heads of the group, rows, width]` blocks (one per batch and key/value
+    /// group) as one `[batch, rows, heads, width]` buffer, returned as a `[batch, heads,
+    /// rows, width]` view of it.
+    fn interleave_refs(
+        &self,
+        parts: &[&Vec<f32>],
+        per: usize,
+        rows: usize,
+        width: usize,
+    ) -> FlexTensor {
+        let heads = per * self.kvh;
+        let mut all = vec![0.0f32; self.b * rows * heads * width];
+        all.par_chunks_mut((rows * heads * width).max(1))
+            .enumerate()
+            .for_each(|(b, dst)| {
+                for (g, part) in parts[b * self.kvh..(b + 1) * self.kvh].iter().enumerate() {
+                    for r in 0..per {
+                        for i in 0..rows {
+                            dst[(i * heads + g * per + r) * width..][..width]
+                                .copy_from_slice(&part[(r * rows + i) * width..][..width]);
+                        }
+                    }
+                }
+            });
+        flex(all, [self.b, rows, heads, width]).transpose(1, 2)
+    }
+
+    /// `[dq, dk, dv]` from the output gradient `grad` and the kept probabilities, each
+    /// stored `[batch, positions, heads, size]` under a `[batch, heads, positions, size]`
+    /// view (the layout of the projections they flow back to).
     fn backward(&self, grad: &FlexTensor, probs: &[f32], scale: f32) -> [FlexTensor; 3] {
         let (s, t, d, dv) = (self.s, self.t, self.d, self.dv);
         let rep = self.h / self.kvh;
@@ -349,116 +434,108 @@ impl<'a> Inputs<'a> {
             grad.to_contiguous()
         };
         let go = View::new(&grad).expect("a contiguous f32 tensor");
-        let mut dq = vec![0.0f32; self.b * self.h * s * d];
-        let mut dk = vec![0.0f32; self.b * self.kvh * t * d];
-        let mut dvs = vec![0.0f32; self.b * self.kvh * t * dv];
-        dq.par_chunks_mut(rep * s * d)
-            .zip(dk.par_chunks_mut(t * d))
-            .zip(dvs.par_chunks_mut(t * dv))
-            .enumerate()
-            .for_each(|(task, ((dq, dk), dvv))| {
+        let parts: Vec<[Vec<f32>; 3]> = (0..self.b * self.kvh)
+            .into_par_iter()
+            .map(|task| {
                 let (b, g) = (task / self.kvh, task % self.kvh);
                 let (k, k_rs, k_cs) = self.k.matrix(b, g);
                 let (v, v_rs, v_cs) = self.v.matrix(b, g);
-                let mut ds = vec![0.0f32; s * t];
+                let mut dq = vec![0.0f32; rep * s * d];
+                let mut dk = vec![0.0f32; t * d];
+                let mut dvv = vec![0.0f32; t * dv];
+                let mut ds = vec![0.0f32; BLOCK.min(s) * t];
                 for r in 0..rep {
                     let head = g * rep + r;
-                    let first = (b * self.h + head) * s * t;
-                    let p = &probs[first..first + s * t];
+                    let ph = &probs[(b * self.h + head) * s * t..][..s * t];
                     let (o, o_rs, o_cs) = go.matrix(b, head);
                     let (q, q_rs, q_cs) = self.q.matrix(b, head);
-                    // dV += P^T dO
-                    gemm(Product {
-                        m: t,
-                        n: dv,
-                        k: s,
-                        dst: dvv,
-                        dst_rs: dv,
-                        accumulate: r > 0,
-                        alpha: 1.0,
-                        lhs: (p, 1, t),
-                        rhs: (o, o_rs, o_cs),
-                        parallel: false,
-                    });
-                    // dP = dO V^T
-                    gemm(Product {
-                        m: s,
-                        n: t,
-                        k: dv,
-                        dst: &mut ds,
-                        dst_rs: t,
-                        accumulate: false,
-                        alpha: 1.0,
-                        lhs: (o, o_rs, o_cs),
-                        rhs: (v, v_cs, v_rs),
-                        parallel: false,
-                    });
-                    // dS = P (dP - rowsum(dP P)), the softmax's backward pass; a masked
-                    // score was set to a constant, so it passes no gradient (which matters
-                    // in a row whose keys are all masked, where P is uniform, not 0).
-                    for (i, (dsr, pr)) in ds.chunks_mut(t).zip(p.chunks(t)).enumerate() {
-                        let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                        for (x, pv) in dsr.iter_mut().zip(pr) {
-                            *x = pv * (*x - dot);
-                        }
-                        if let Some(m) = self.mask {
-                            for (j, x) in dsr.iter_mut().enumerate() {
-                                if m.masked(b, head, i, j) {
-                                    *x = 0.0;
+                    for i0 in (0..s).step_by(BLOCK) {
+                        let rows = BLOCK.min(s - i0);
+                        let n = self.keys_for(b, head, i0, rows);
+                        let p = &ph[i0 * t..];
+                        let o_blk = &o[i0 * o_rs..];
+                        // dV += P^T dO
+                        gemm(Product {
+                            m: n,
+                            n: dv,
+                            k: rows,
+                            dst: &mut dvv,
+                            dst_rs: dv,
+                            accumulate: true,
+                            alpha: 1.0,
+                            lhs: (p, 1, t),
+                            rhs: (o_blk, o_rs, o_cs),
+                            parallel: false,
+                        });
+                        // dP = dO V^T
+                        let dsb = &mut ds[..rows * n];
+                        gemm(Product {
+                            m: rows,
+                            n,
+                            k: dv,
+                            dst: dsb,
+                            dst_rs: n,
+                            accumulate: false,
+                            alpha: 1.0,
+                            lhs: (o_blk, o_rs, o_cs),
+                            rhs: (v, v_cs, v_rs),
+                            parallel: false,
+                        });
+                        // dS = P (dP - rowsum(dP P)), the softmax's backward pass; a masked
+                        // score was set to a constant, so it passes no gradient (which
+                        // matters in a row whose keys are all masked, where P is uniform).
+                        for (ii, dsr) in dsb.chunks_mut(n.max(1)).enumerate() {
+                            let pr = &p[ii * t..][..n];
+                            let dot = dot(dsr, pr);
+                            for (x, pv) in dsr.iter_mut().zip(pr) {
+                                *x = pv * (*x - dot);
+                            }
+                            if let Some(m) = self.mask {
+                                for (x, &masked) in dsr.iter_mut().zip(m.row(b, head, i0 + ii)) {
+                                    *x = if masked { 0.0 } else { *x };
                                 }
                             }
                         }
+                        // dQ = scale dS K
+                        gemm(Product {
+                            m: rows,
+                            n: d,
+                            k: n,
+                            dst: &mut dq[(r * s + i0) * d..],
+                            dst_rs: d,
+                            accumulate: false,
+                            alpha: scale,
+                            lhs: (dsb, n, 1),
+                            rhs: (k, k_rs, k_cs),
+                            parallel: false,
+                        });
+                        // dK += scale dS^T Q
+                        gemm(Product {
+                            m: n,
+                            n: d,
+                            k: rows,
+                            dst: &mut dk,
+                            dst_rs: d,
+                            accumulate: true,
+                            alpha: scale,
+                            lhs: (dsb, 1, n),
+                            rhs: (&q[i0 * q_rs..], q_rs, q_cs),
+                            parallel: false,
+                        });
                     }
-                    // dQ = scale dS K
-                    gemm(Product {
-                        m: s,
-                        n: d,
-                        k: t,
-                        dst: &mut dq[r * s * d..(r + 1) * s * d],
-                        dst_rs: d,
-                        accumulate: false,
-                        alpha: scale,
-                        lhs: (&ds, t, 1),
-                        rhs: (k, k_rs, k_cs),
-                        parallel: false,
-                    });
-                    // dK += scale dS^T Q
-                    gemm(Product {
-                        m: t,
-                        n: d,
-                        k: s,
-                        dst: dk,
-                        dst_rs: d,
-                        accumulate: r > 0,
-                        alpha: scale,
-                        lhs: (&ds, 1, t),
-                        rhs: (q, q_rs, q_cs),
-                        parallel: false,
-                    });
                 }
-            });
+                [dq, dk, dvv]
+            })
+            .collect();
+        let pick = |i: usize| parts.iter().map(|p| &p[i]).collect::<Vec<_>>();
         [
-            flex(dq, [self.b, self.h, s, d]),
-            flex(dk, [self.b, self.kvh, t, d]),
-            flex(dvs, [self.b, self.kvh, t, dv]),
+            self.interleave_refs(&pick(0), rep, s, d),
+            self.interleave_refs(&pick(1), 1, t, d),
+            self.interleave_refs(&pick(2), 1, t, dv),
         ]
     }
 }
 
 fn flex(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape))
-}
-
-/// `exp(x - max) / sum` over a row, in place.
-fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for x in row.iter_mut() {
-        *x = exp(*x - max);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    for x in row.iter_mut() {
-        *x *= inv;
-    }
 }

@@ -7,70 +7,18 @@
 //! over host memory and, under autodiff, registers it as one graph node with its own
 //! backward pass. Every other backend, and dtypes other than f32, keep the burn ops.
 //!
-//! Public here, shared with the 4-bit host kernels of `peft-qlora`: [`gemm()`], a
-//! bounds-checked strided f32 product on the `gemm` crate, and [`contiguous`].
+//! The building blocks (which backend `B` is, checked downcasts, [`gemm()`], a bounds-checked
+//! strided f32 product on the `gemm` crate, and [`contiguous`]) are `peft_core::fused::flex`'s,
+//! re-exported here.
 
 pub(crate) mod attention;
 pub(crate) mod cross_entropy;
+pub(crate) mod rms_norm;
+pub(crate) mod rope;
 pub(crate) mod swiglu;
 
-use std::any::{Any, TypeId};
-
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
-use burn::backend::{Autodiff, Flex};
-use burn::prelude::Backend;
-use burn_flex::FlexTensor;
-
-/// Which CPU backend `B` is, for the fused operations; `None` for any other backend.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum FlexKind {
-    /// `Flex`: the forward pass only.
-    Plain,
-    /// `Autodiff<Flex>` (no checkpointing).
-    Autodiff,
-    /// `Autodiff<Flex, BalancedCheckpointing>`.
-    Balanced,
-}
-
-fn flex_kind<B: Backend>() -> Option<FlexKind> {
-    let id = TypeId::of::<B>();
-    [
-        (TypeId::of::<Flex>(), FlexKind::Plain),
-        (
-            TypeId::of::<Autodiff<Flex, NoCheckpointing>>(),
-            FlexKind::Autodiff,
-        ),
-        (
-            TypeId::of::<Autodiff<Flex, BalancedCheckpointing>>(),
-            FlexKind::Balanced,
-        ),
-    ]
-    .into_iter()
-    .find_map(|(t, kind)| (t == id).then_some(kind))
-}
-
-/// `t` as a `U` when `T` is `U` (a checked downcast; `None` otherwise).
-fn cast<T: 'static, U: 'static>(t: T) -> Option<U> {
-    (Box::new(t) as Box<dyn Any>)
-        .downcast::<U>()
-        .ok()
-        .map(|b| *b)
-}
-
-/// `t` contiguous from offset 0: a clone of the same storage when it already is, a copy
-/// otherwise.
-pub fn contiguous(t: &FlexTensor) -> FlexTensor {
-    if t.is_contiguous() && t.layout().start_offset() == 0 {
-        t.clone()
-    } else {
-        t.to_contiguous()
-    }
-}
-
-/// [`contiguous`] for an f32 tensor, `None` for any other dtype.
-pub(crate) fn contiguous_f32(t: &FlexTensor) -> Option<FlexTensor> {
-    (t.dtype() == burn::tensor::DType::F32).then(|| contiguous(t))
-}
+pub(crate) use peft_core::fused::flex::{FlexKind, cast, contiguous_f32, flex_kind};
+pub use peft_core::fused::flex::{Product, contiguous, gemm};
 
 /// `e^x` in f32, branch-free so that loops over slices vectorize: `x = n ln 2 + r` with
 /// `|r| <= ln 2 / 2` (ln 2 split in two parts, so `r` is exact to f32 rounding), `e^r` by its
@@ -104,84 +52,71 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-/// `dst[m, n] = alpha lhs[m, k] rhs[k, n]` (plus `dst` when `accumulate`), `dst` row-major
-/// with row stride `dst_rs`, the operands as (storage from the first element, row stride,
-/// column stride).
-#[allow(missing_docs)] // the fields are the product's dimensions and operands, as above
-pub struct Product<'a> {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub dst: &'a mut [f32],
-    pub dst_rs: usize,
-    pub accumulate: bool,
-    pub alpha: f32,
-    pub lhs: (&'a [f32], usize, usize),
-    pub rhs: (&'a [f32], usize, usize),
-    /// Split the product over rayon's pool (worth it from about 192^3 multiply-adds).
-    pub parallel: bool,
+/// Lanes of the reductions below: independent partial results that the compiler keeps in
+/// vector registers (an f32 sum in one accumulator is a serial chain that cannot vectorize).
+const LANES: usize = 16;
+
+/// The largest value of `xs` (negative infinity when empty; NaN is skipped, as `f32::max`).
+#[inline(always)]
+pub(crate) fn max_of(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    acc.iter().fold(rest, |a, &x| a.max(x))
 }
 
-/// Runs a [`Product`] with the `gemm` crate (Flex's own matmul), after checking that every
-/// element it touches is in bounds of its slice.
-#[allow(unsafe_code)] // the `gemm` crate takes raw pointers and strides
-pub fn gemm(p: Product<'_>) {
-    if p.m == 0 || p.n == 0 {
-        return;
-    }
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        last(p.dst_rs, 1, p.m, p.n) < p.dst.len(),
-        "gemm: dst out of bounds"
-    );
-    if p.k == 0 {
-        if !p.accumulate {
-            for row in p.dst.chunks_mut(p.dst_rs).take(p.m) {
-                row[..p.n].fill(0.0);
-            }
+/// `sum_i xs[i] ys[i]` over the shorter of the two, in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn dot(xs: &[f32], ys: &[f32]) -> f32 {
+    let n = xs.len().min(ys.len());
+    let (xs, ys) = (&xs[..n], &ys[..n]);
+    let mut acc = [0.0f32; LANES];
+    let (mut xc, mut yc) = (xs.chunks_exact(LANES), ys.chunks_exact(LANES));
+    for (x, y) in (&mut xc).zip(&mut yc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
         }
-        return;
     }
-    let (lhs, lhs_rs, lhs_cs) = p.lhs;
-    let (rhs, rhs_rs, rhs_cs) = p.rhs;
-    assert!(
-        last(lhs_rs, lhs_cs, p.m, p.k) < lhs.len(),
-        "gemm: lhs out of bounds"
-    );
-    assert!(
-        last(rhs_rs, rhs_cs, p.k, p.n) < rhs.len(),
-        "gemm: rhs out of bounds"
-    );
-    let s = |v: usize| v as isize;
-    // SAFETY: the asserts above keep every index the product reads or writes inside the
-    // slices, which outlive the call; `dst` is exclusively borrowed, so it overlaps neither
-    // input.
-    unsafe {
-        gemm::gemm(
-            p.m,
-            p.n,
-            p.k,
-            p.dst.as_mut_ptr(),
-            1,
-            s(p.dst_rs),
-            p.accumulate,
-            lhs.as_ptr(),
-            s(lhs_cs),
-            s(lhs_rs),
-            rhs.as_ptr(),
-            s(rhs_cs),
-            s(rhs_rs),
-            1.0,
-            p.alpha,
-            false,
-            false,
-            false,
-            if p.parallel {
-                gemm::Parallelism::Rayon(0)
-            } else {
-                gemm::Parallelism::None
-            },
-        );
+    let rest: f32 = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    acc.iter().sum::<f32>() + rest
+}
+
+/// `sum_i xs[i]`, in [`LANES`] partial sums.
+#[inline(always)]
+pub(crate) fn sum_of(xs: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// `exp(x - max) / sum` over a row, in place: three vectorizable passes.
+#[inline(always)]
+pub(crate) fn softmax_in_place(row: &mut [f32]) {
+    let max = max_of(row);
+    for x in row.iter_mut() {
+        *x = exp(*x - max);
+    }
+    let inv = 1.0 / sum_of(row);
+    for x in row.iter_mut() {
+        *x *= inv;
     }
 }
 
@@ -206,5 +141,38 @@ mod tests {
         assert_eq!(exp(f32::MIN), 0.0);
         assert!(exp(f32::NAN).is_nan());
         assert!(exp(100.0) > 1e38);
+    }
+
+    #[test]
+    fn the_lane_reductions_match_plain_loops() {
+        use super::{dot, max_of, softmax_in_place, sum_of};
+        for n in [0usize, 1, 15, 16, 17, 100] {
+            let xs: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+            let ys: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.7).collect();
+            let want_max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(&xs), want_max, "max of {n}");
+            let want_sum: f64 = xs.iter().map(|&x| f64::from(x)).sum();
+            assert!(
+                (f64::from(sum_of(&xs)) - want_sum).abs() < 1e-4,
+                "sum of {n}"
+            );
+            let want_dot: f64 = xs.iter().zip(&ys).map(|(&x, &y)| f64::from(x * y)).sum();
+            assert!(
+                (f64::from(dot(&xs, &ys)) - want_dot).abs() < 1e-4,
+                "dot of {n}"
+            );
+            if n > 0 {
+                let mut row = xs.clone();
+                softmax_in_place(&mut row);
+                let z: f64 = xs
+                    .iter()
+                    .map(|&x| (f64::from(x) - f64::from(want_max)).exp())
+                    .sum();
+                for (p, &x) in row.iter().zip(&xs) {
+                    let want = (f64::from(x) - f64::from(want_max)).exp() / z;
+                    assert!((f64::from(*p) - want).abs() < 1e-6, "softmax of {n}");
+                }
+            }
+        }
     }
 }

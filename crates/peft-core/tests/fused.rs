@@ -1,0 +1,209 @@
+//! The fused operations of the CPU backend (`Flex`, `Autodiff<Flex>`) against the same
+//! computation in burn tensor operations on ndarray: outputs and the gradient of every
+//! input, with transposed (strided) operands, frozen and trained inputs, and a base output
+//! that something else still holds (which the in-place update must not change).
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use peft_core::fused::flex::{try_linear, try_low_rank_add};
+
+/// The fused product; a test failure where it does not apply.
+fn linear<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    try_linear(x, w).unwrap_or_else(|_| panic!("flex fuses the product"))
+}
+
+/// The fused update; a test failure where it does not apply.
+fn low_rank_add<B: Backend>(
+    y: Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    s: f64,
+) -> Tensor<B, 2> {
+    try_low_rank_add(y, x, a, b, s).unwrap_or_else(|_| panic!("flex fuses the update"))
+}
+use peft_testing::uniform;
+
+fn close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 + 1e-4 * w.abs(),
+            "{what}: element {i} is {g}, want {w}"
+        );
+    }
+}
+
+fn vals<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+fn mat<B: Backend>(rows: usize, cols: usize, seed: u64, transposed: bool) -> Tensor<B, 2> {
+    let device = Default::default();
+    if transposed {
+        Tensor::<B, 2>::from_data(
+            TensorData::new(uniform(rows * cols, seed), [cols, rows]),
+            &device,
+        )
+        .transpose()
+    } else {
+        Tensor::from_data(
+            TensorData::new(uniform(rows * cols, seed), [rows, cols]),
+            &device,
+        )
+    }
+}
+
+/// `(y, dx, dw)` of `sum(c * x w)`; `fused` picks `linear`, otherwise burn's matmul.
+fn linear_case<B: AutodiffBackend>(
+    track_x: bool,
+    track_w: bool,
+    w_transposed: bool,
+    fused: bool,
+) -> Vec<Vec<f32>> {
+    let (m, k, n) = (37, 29, 41);
+    let x = mat::<B>(m, k, 1, false);
+    let w = mat::<B>(k, n, 2, w_transposed);
+    let (x, w) = (
+        if track_x { x.require_grad() } else { x },
+        if track_w { w.require_grad() } else { w },
+    );
+    let y = if fused {
+        linear(x.clone(), w.clone())
+    } else {
+        x.clone().matmul(w.clone())
+    };
+    let c = mat::<B>(m, n, 3, false);
+    let grads = (y.clone() * c).sum().backward();
+    let mut out = vec![vals(y)];
+    if track_x {
+        out.push(vals(x.grad(&grads).unwrap()));
+    }
+    if track_w {
+        out.push(vals(w.grad(&grads).unwrap()));
+    }
+    out
+}
+
+#[test]
+fn fused_linear_matches_burn_matmul() {
+    for (track_x, track_w) in [(true, false), (false, true), (true, true)] {
+        for transposed in [false, true] {
+            let want = linear_case::<Autodiff<NdArray>>(track_x, track_w, transposed, false);
+            let got = linear_case::<Autodiff<Flex>>(track_x, track_w, transposed, true);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                close(
+                    g,
+                    w,
+                    &format!("x {track_x}, w {track_w}, transposed {transposed}: output {i}"),
+                );
+            }
+        }
+    }
+    // Without autodiff.
+    let got = linear(mat::<Flex>(5, 7, 4, false), mat::<Flex>(7, 3, 5, true));
+    let want = mat::<NdArray>(5, 7, 4, false).matmul(mat::<NdArray>(7, 3, 5, true));
+    close(&vals(got), &vals(want), "inference");
+}
+
+/// `(out, dy, dx, da, db)` of `sum(c * (y + s (x a) b))` where `y = x0 w0` is a base
+/// layer's output; `keep_y` holds on to `y` (and checks that it is unchanged).
+fn low_rank_case<B: AutodiffBackend>(
+    fused: bool,
+    keep_y: bool,
+    track_x: bool,
+    a_transposed: bool,
+) -> Vec<Vec<f32>> {
+    let (m, inp, r, out) = (23, 19, 4, 31);
+    let x = mat::<B>(m, inp, 6, false);
+    let x = if track_x { x.require_grad() } else { x };
+    let w0 = mat::<B>(inp, out, 7, false).require_grad();
+    let a = mat::<B>(inp, r, 8, a_transposed).require_grad();
+    let b = mat::<B>(r, out, 9, false).require_grad();
+    let y = x.clone().matmul(w0.clone());
+    let kept = keep_y.then(|| (y.clone(), vals(y.clone())));
+    let z = if fused {
+        low_rank_add(y, &x, a.clone(), b.clone(), 0.75)
+    } else {
+        y + x.clone().matmul(a.clone()).matmul(b.clone()) * 0.75
+    };
+    if let Some((y, before)) = kept {
+        assert_eq!(
+            vals(y),
+            before,
+            "the base output that is still held changed"
+        );
+    }
+    let c = mat::<B>(m, out, 10, false);
+    let grads = (z.clone() * c).sum().backward();
+    let mut res = vec![
+        vals(z),
+        vals(w0.grad(&grads).unwrap()),
+        vals(a.grad(&grads).unwrap()),
+        vals(b.grad(&grads).unwrap()),
+    ];
+    if track_x {
+        res.push(vals(x.grad(&grads).unwrap()));
+    }
+    res
+}
+
+#[test]
+fn fused_low_rank_add_matches_burn_ops() {
+    // A dense `a` takes the rank kernels, a transposed one the general product.
+    for a_transposed in [false, true] {
+        for keep_y in [false, true] {
+            for track_x in [false, true] {
+                let case = (keep_y, track_x, a_transposed);
+                let want = low_rank_case::<Autodiff<NdArray>>(false, keep_y, track_x, a_transposed);
+                let got = low_rank_case::<Autodiff<Flex>>(true, keep_y, track_x, a_transposed);
+                let names = ["output", "d w0 (through y)", "da", "db", "dx"];
+                for (name, (g, w)) in names.iter().zip(got.iter().zip(&want)) {
+                    close(
+                        g,
+                        w,
+                        &format!("(keep_y, track_x, a transposed) {case:?}: {name}"),
+                    );
+                }
+            }
+        }
+    }
+    // Without autodiff.
+    let run = |fused: bool| -> Vec<f32> {
+        let (x, a, b) = (
+            mat::<Flex>(6, 5, 11, false),
+            mat::<Flex>(5, 2, 12, false),
+            mat::<Flex>(2, 4, 13, true),
+        );
+        let y = mat::<Flex>(6, 4, 14, false);
+        if fused {
+            vals(low_rank_add(y, &x, a, b, 2.0))
+        } else {
+            vals(y + x.matmul(a).matmul(b) * 2.0)
+        }
+    };
+    close(&run(true), &run(false), "inference");
+}
+
+#[test]
+fn other_backends_get_their_operands_back() {
+    let (x, w) = (
+        mat::<NdArray>(3, 4, 1, false),
+        mat::<NdArray>(4, 2, 2, false),
+    );
+    let (x2, w2) = try_linear(x.clone(), w.clone()).expect_err("ndarray is not fused");
+    assert_eq!(vals(x2), vals(x.clone()));
+    assert_eq!(vals(w2), vals(w));
+    let (a, b) = (
+        mat::<NdArray>(4, 1, 3, false),
+        mat::<NdArray>(1, 2, 4, false),
+    );
+    let y = mat::<NdArray>(3, 2, 5, false);
+    assert!(try_low_rank_add(y, &x, a, b, 1.0).is_err());
+    // Shapes that do not agree are refused on the CPU backend too.
+    let bad = try_linear(mat::<Flex>(3, 4, 1, false), mat::<Flex>(5, 2, 2, false));
+    assert!(bad.is_err());
+}
