@@ -230,20 +230,23 @@ pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
 /// `sum_i -log softmax(z_i)[t_i]` for logits `z` `[n, vocab]` and targets `t` `[n, 1]` as
 /// one fused operation, where the backend has one: on the CPU backend (`Flex`,
 /// `Autodiff<Flex>`, f32, feature `flex`) one parallel pass per row, and under autodiff one
-/// node that keeps only `softmax(z) - onehot(t)`. `None` on other backends, and for a target
-/// outside the vocabulary.
+/// node that keeps only `softmax(z) - onehot(t)`, written over the logits' buffer when `z`
+/// holds it alone.
+///
+/// # Errors
+/// `z` back, unchanged, on other backends and for a target outside the vocabulary.
 pub fn fused_cross_entropy_sum<B: Backend>(
-    z: &Tensor<B, 2>,
+    z: Tensor<B, 2>,
     targets: &Tensor<B, 2, Int>,
-) -> Option<Tensor<B, 1>> {
+) -> std::result::Result<Tensor<B, 1>, Tensor<B, 2>> {
     #[cfg(feature = "flex")]
     {
         crate::flex::cross_entropy::try_cross_entropy_sum(z, targets)
     }
     #[cfg(not(feature = "flex"))]
     {
-        let _ = (z, targets);
-        None
+        let _ = targets;
+        Err(z)
     }
 }
 

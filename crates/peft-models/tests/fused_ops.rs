@@ -285,7 +285,7 @@ fn token_loss<B: AutodiffBackend>(
 fn fused_cross_entropy_matches_the_generic_one() {
     let want = token_loss::<Autodiff<NdArray>>(|z, t| -log_softmax(z, 1).gather(1, t).sum());
     let got = token_loss::<Autodiff<Flex>>(|z, t| {
-        fused_cross_entropy_sum(&z, &t).expect("flex fuses the loss")
+        fused_cross_entropy_sum(z.clone(), &t).unwrap_or_else(|_| panic!("flex fuses the loss"))
     });
     assert_close(&got[0], &want[0], "loss");
     assert_close(&got[1], &want[1], "dz");
@@ -293,7 +293,7 @@ fn fused_cross_entropy_matches_the_generic_one() {
     let device = Default::default();
     let z = Tensor::<Flex, 2>::zeros([2, 3], &device);
     let t = Tensor::<Flex, 2, Int>::from_data(TensorData::new(vec![1i64, 3], [2, 1]), &device);
-    assert!(fused_cross_entropy_sum(&z, &t).is_none());
+    assert!(fused_cross_entropy_sum(z, &t).is_err());
 }
 
 /// `(y, dx, dw)` of `sum(c * rms_norm(x))` for a strided `x` (a transposed view) and a

@@ -129,9 +129,10 @@ pub fn token_nll<B: Backend, M: CausalLm<B>>(
 /// On the CPU backend the whole loss is one fused operation
 /// ([`peft_models::nn::fused_cross_entropy_sum`]) that keeps only the gradient.
 pub fn cross_entropy_sum<B: Backend>(z: Tensor<B, 2>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    if let Some(loss) = peft_models::nn::fused_cross_entropy_sum(&z, &targets) {
-        return loss;
-    }
+    let z = match peft_models::nn::fused_cross_entropy_sum(z, &targets) {
+        Ok(loss) => return loss,
+        Err(z) => z,
+    };
     let zd = z.clone().detach();
     let m = zd.clone().max_dim(1);
     let e = (zd.clone() - m.clone()).exp();

@@ -64,6 +64,63 @@ pub fn try_cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
     }
 }
 
+/// Runs `f` compiled for the widest vector extension this CPU has (AVX-512, or AVX2 with
+/// FMA; checked at run time), for element-wise loops that the compiler vectorises. `f` must
+/// be inlined into the function compiled with those features, so pass the closure as
+/// `simd(#[inline(always)] || ...)`. Without those extensions, `f` runs as it is.
+#[inline(always)]
+pub fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        // 0: not checked yet, 1: baseline, 2: AVX2 + FMA, 3: AVX-512.
+        static LEVEL: AtomicU8 = AtomicU8::new(0);
+        let mut level = LEVEL.load(Ordering::Relaxed);
+        if level == 0 {
+            let has = |f: &str| match f {
+                "avx512" => {
+                    std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                        && std::arch::is_x86_feature_detected!("avx512dq")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+                _ => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+            };
+            level = if has("avx512") {
+                3
+            } else if has("avx2") {
+                2
+            } else {
+                1
+            };
+            LEVEL.store(level, Ordering::Relaxed);
+        }
+        #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,fma")]
+        fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        match level {
+            // SAFETY: the CPU has the features `avx512` is compiled for (checked above);
+            // the function itself is safe code.
+            #[allow(unsafe_code)]
+            3 => return unsafe { avx512(f) },
+            // SAFETY: as above, for AVX2 and FMA.
+            #[allow(unsafe_code)]
+            2 => return unsafe { avx2(f) },
+            _ => {}
+        }
+    }
+    f()
+}
+
 /// `t` contiguous from offset 0: a clone of the same storage when it already is, a copy
 /// otherwise.
 pub fn contiguous(t: &FlexTensor) -> FlexTensor {

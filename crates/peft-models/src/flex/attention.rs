@@ -34,7 +34,7 @@ use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{FlexKind, Product, cast, dot, flex_kind, gemm, softmax_in_place};
+use super::{FlexKind, Product, cast, dot, flex_kind, gemm, simd, softmax_in_place};
 
 /// The fused attention where `B` is `Flex` or `Autodiff<Flex>` (with or without
 /// checkpointing) and the tensors are f32; `None` otherwise.
@@ -362,17 +362,23 @@ impl<'a> Inputs<'a> {
                             rhs: (k, k_cs, k_rs),
                             parallel: false,
                         });
-                        for (ii, row) in p.chunks_mut(n.max(1)).enumerate() {
-                            if let Some(m) = self.mask {
-                                for (x, &masked) in row.iter_mut().zip(m.row(b, head, i0 + ii)) {
-                                    *x = if masked { f32::MIN } else { *x };
+                        simd(
+                            #[inline(always)]
+                            || {
+                                for (ii, row) in p.chunks_mut(n.max(1)).enumerate() {
+                                    if let Some(m) = self.mask {
+                                        let mrow = m.row(b, head, i0 + ii);
+                                        for (x, &masked) in row.iter_mut().zip(mrow) {
+                                            *x = if masked { f32::MIN } else { *x };
+                                        }
+                                    }
+                                    softmax_in_place(row);
+                                    if let Some(kept) = kept.as_deref_mut() {
+                                        kept[(r * s + i0 + ii) * t..][..n].copy_from_slice(row);
+                                    }
                                 }
-                            }
-                            softmax_in_place(row);
-                            if let Some(kept) = kept.as_deref_mut() {
-                                kept[(r * s + i0 + ii) * t..][..n].copy_from_slice(row);
-                            }
-                        }
+                            },
+                        );
                         // out = P v
                         gemm(Product {
                             m: rows,
@@ -484,18 +490,24 @@ impl<'a> Inputs<'a> {
                         // dS = P (dP - rowsum(dP P)), the softmax's backward pass; a masked
                         // score was set to a constant, so it passes no gradient (which
                         // matters in a row whose keys are all masked, where P is uniform).
-                        for (ii, dsr) in dsb.chunks_mut(n.max(1)).enumerate() {
-                            let pr = &p[ii * t..][..n];
-                            let dot = dot(dsr, pr);
-                            for (x, pv) in dsr.iter_mut().zip(pr) {
-                                *x = pv * (*x - dot);
-                            }
-                            if let Some(m) = self.mask {
-                                for (x, &masked) in dsr.iter_mut().zip(m.row(b, head, i0 + ii)) {
-                                    *x = if masked { 0.0 } else { *x };
+                        simd(
+                            #[inline(always)]
+                            || {
+                                for (ii, dsr) in dsb.chunks_mut(n.max(1)).enumerate() {
+                                    let pr = &p[ii * t..][..n];
+                                    let dot = dot(dsr, pr);
+                                    for (x, pv) in dsr.iter_mut().zip(pr) {
+                                        *x = pv * (*x - dot);
+                                    }
+                                    if let Some(m) = self.mask {
+                                        let mrow = m.row(b, head, i0 + ii);
+                                        for (x, &masked) in dsr.iter_mut().zip(mrow) {
+                                            *x = if masked { 0.0 } else { *x };
+                                        }
+                                    }
                                 }
-                            }
-                        }
+                            },
+                        );
                         // dQ = scale dS K
                         gemm(Product {
                             m: rows,

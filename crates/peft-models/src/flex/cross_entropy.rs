@@ -17,122 +17,152 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::{TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{FlexKind, cast, contiguous_f32, exp, flex_kind};
+use super::{FlexKind, contiguous, exp, flex_kind, max_of, simd, sum_of, try_cast};
 
 /// The fused loss where `B` is `Flex` or `Autodiff<Flex>`, the logits are f32 and every
-/// target is a valid column; `None` otherwise.
+/// target is a valid column; the logits back otherwise.
 pub(crate) fn try_cross_entropy_sum<B: Backend>(
-    z: &Tensor<B, 2>,
+    z: Tensor<B, 2>,
     targets: &Tensor<B, 2, Int>,
-) -> Option<Tensor<B, 1>> {
+) -> Result<Tensor<B, 1>, Tensor<B, 2>> {
     let [n, v] = z.dims();
-    if targets.dims() != [n, 1] {
-        return None;
+    let Some(kind) = flex_kind::<B>() else {
+        return Err(z);
+    };
+    if targets.dims() != [n, 1] || z.dtype() != DType::F32 {
+        return Err(z);
     }
-    let kind = flex_kind::<B>()?;
-    let t: Vec<usize> = targets
+    let t: Option<Vec<usize>> = targets
         .to_data()
         .convert::<i64>()
         .to_vec::<i64>()
-        .ok()?
-        .into_iter()
-        .map(|t| usize::try_from(t).ok().filter(|&t| t < v))
-        .collect::<Option<_>>()?;
-    match kind {
+        .ok()
+        .and_then(|t| {
+            t.into_iter()
+                .map(|t| usize::try_from(t).ok().filter(|&t| t < v))
+                .collect()
+        });
+    let Some(t) = t else {
+        return Err(z);
+    };
+    Ok(match kind {
         FlexKind::Plain => {
-            let z = cast::<_, Tensor<Flex, 2>>(z.clone())?
+            let z = try_cast::<_, Tensor<Flex, 2>>(z)
+                .unwrap_or_else(|_| unreachable!("B is Flex"))
                 .into_primitive()
                 .tensor();
-            let (nll, _) = loss(&contiguous_f32(&z)?, &t, false);
-            cast(scalar::<Flex>(nll))
+            let (nll, _) = loss(z, &t, false);
+            try_cast(scalar::<Flex>(nll)).unwrap_or_else(|_| unreachable!("B is Flex"))
         }
         FlexKind::Autodiff => on_autodiff::<B, NoCheckpointing>(z, &t),
         FlexKind::Balanced => on_autodiff::<B, BalancedCheckpointing>(z, &t),
-    }
+    })
 }
 
 fn scalar<B: Backend>(x: f64) -> Tensor<B, 1> {
     Tensor::from_data(TensorData::new(vec![x as f32], [1]), &Default::default())
 }
 
-/// The summed loss and, when `grad`, `softmax(z) - onehot(t)` (`[n, vocab]`).
-fn loss(z: &FlexTensor, targets: &[usize], grad: bool) -> (f64, Option<FlexTensor>) {
+/// The summed loss and, when `grad`, `softmax(z) - onehot(t)` (`[n, vocab]`), written over
+/// the logits' own buffer when this tensor holds it alone (the logits are not needed after
+/// the loss, and a 49,152-word vocabulary makes them 100 MB for 512 tokens), over a copy
+/// otherwise.
+fn loss(z: FlexTensor, targets: &[usize], grad: bool) -> (f64, Option<FlexTensor>) {
     let [n, v]: [usize; 2] = z.shape().to_vec().try_into().expect("2-D logits");
-    let zs = &z.storage::<f32>()[..n * v];
-    let mut c = if grad {
-        vec![0.0f32; n * v]
-    } else {
-        Vec::new()
-    };
-    let row_loss = |i: usize, zr: &[f32], cr: Option<&mut [f32]>| -> f64 {
-        let m = zr.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let t = targets[i];
-        let nll = |s: f32| f64::from(s.ln() + m - zr[t]);
-        match cr {
-            Some(cr) => {
-                let mut s = 0.0f32;
-                for (c, &z) in cr.iter_mut().zip(zr) {
-                    *c = exp(z - m);
-                    s += *c;
-                }
-                let inv = 1.0 / s;
-                for c in cr.iter_mut() {
-                    *c *= inv;
-                }
-                cr[t] -= 1.0;
-                nll(s)
-            }
-            None => nll(zr.iter().map(|&z| exp(z - m)).sum()),
-        }
-    };
-    let total: f64 = if grad {
-        c.par_chunks_mut(v)
-            .zip(zs.par_chunks(v))
+    if !grad {
+        let z = contiguous(&z);
+        let total = z.storage::<f32>()[..n * v]
+            .par_chunks(v)
             .enumerate()
-            .map(|(i, (cr, zr))| row_loss(i, zr, Some(cr)))
-            .sum()
+            .map(|(i, zr)| {
+                simd(
+                    #[inline(always)]
+                    || {
+                        let m = max_of(zr);
+                        let mut s = [0.0f32; 16];
+                        let mut chunks = zr.chunks_exact(16);
+                        for c in &mut chunks {
+                            for (acc, &z) in s.iter_mut().zip(c) {
+                                *acc += exp(z - m);
+                            }
+                        }
+                        let rest: f32 = chunks.remainder().iter().map(|&z| exp(z - m)).sum();
+                        f64::from((s.iter().sum::<f32>() + rest).ln() + m - zr[targets[i]])
+                    },
+                )
+            })
+            .sum();
+        return (total, None);
+    }
+    let mut c = if z.is_contiguous() && z.layout().start_offset() == 0 && z.is_unique() {
+        z
     } else {
-        zs.par_chunks(v)
-            .enumerate()
-            .map(|(i, zr)| row_loss(i, zr, None))
-            .sum()
+        FlexTensor::from_data(TensorData::new(
+            z.to_contiguous().storage::<f32>()[..n * v].to_vec(),
+            [n, v],
+        ))
     };
-    let c = grad.then(|| FlexTensor::from_data(TensorData::new(c, [n, v])));
-    (total, c)
+    let total = c.storage_mut::<f32>()[..n * v]
+        .par_chunks_mut(v)
+        .enumerate()
+        .map(|(i, row)| {
+            simd(
+                #[inline(always)]
+                || {
+                    // The row's logits become its probabilities, then its gradient.
+                    let m = max_of(row);
+                    let t = targets[i];
+                    let zt = row[t];
+                    for x in row.iter_mut() {
+                        *x = exp(*x - m);
+                    }
+                    let s = sum_of(row);
+                    let inv = 1.0 / s;
+                    for x in row.iter_mut() {
+                        *x *= inv;
+                    }
+                    row[t] -= 1.0;
+                    f64::from(s.ln() + m - zt)
+                },
+            )
+        })
+        .sum();
+    (total, Some(c))
 }
 
 fn on_autodiff<B: Backend, C: CheckpointStrategy>(
-    z: &Tensor<B, 2>,
+    z: Tensor<B, 2>,
     targets: &[usize],
-) -> Option<Tensor<B, 1>> {
+) -> Tensor<B, 1> {
     type Ad<C> = Autodiff<Flex, C>;
-    let z = cast::<_, Tensor<Ad<C>, 2>>(z.clone())?
+    let z = try_cast::<_, Tensor<Ad<C>, 2>>(z)
+        .unwrap_or_else(|_| unreachable!("B is Autodiff<Flex, C>"))
         .into_primitive()
         .tensor();
-    let zh = contiguous_f32(&z.primitive)?;
+    let node = z.node.clone();
     let out = match CrossEntropyBackward
-        .prepare::<C>([z.node.clone()])
+        .prepare::<C>([node])
         .compute_bound()
         .stateful()
     {
         OpsKind::Tracked(prep) => {
-            let (nll, c) = loss(&zh, targets, true);
-            drop(zh);
+            let (nll, c) = loss(z.primitive, targets, true);
             let nll = scalar::<Flex>(nll).into_primitive().tensor();
             prep.finish(c.expect("asked for the gradient"), nll)
         }
         OpsKind::UnTracked(prep) => {
-            let (nll, _) = loss(&zh, targets, false);
+            let (nll, _) = loss(z.primitive, targets, false);
             prep.finish(scalar::<Flex>(nll).into_primitive().tensor())
         }
     };
-    cast(Tensor::<Ad<C>, 1>::from_primitive(TensorPrimitive::Float(
+    try_cast(Tensor::<Ad<C>, 1>::from_primitive(TensorPrimitive::Float(
         out,
     )))
+    .unwrap_or_else(|_| unreachable!("B is Autodiff<Flex, C>"))
 }
 
 #[derive(Debug)]

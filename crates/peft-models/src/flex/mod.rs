@@ -17,7 +17,9 @@ pub(crate) mod rms_norm;
 pub(crate) mod rope;
 pub(crate) mod swiglu;
 
-pub(crate) use peft_core::fused::flex::{FlexKind, cast, contiguous_f32, flex_kind};
+pub(crate) use peft_core::fused::flex::{
+    FlexKind, cast, contiguous_f32, flex_kind, simd, try_cast,
+};
 pub use peft_core::fused::flex::{Product, contiguous, gemm};
 
 /// `e^x` in f32, branch-free so that loops over slices vectorize: `x = n ln 2 + r` with

@@ -18,7 +18,7 @@ use burn::tensor::{TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{FlexKind, cast, contiguous_f32, exp, flex_kind};
+use super::{FlexKind, cast, contiguous_f32, exp, flex_kind, simd};
 
 /// Values per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -66,9 +66,14 @@ fn forward(g: &FlexTensor, u: &FlexTensor) -> FlexTensor {
     y.par_chunks_mut(CHUNK)
         .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK)))
         .for_each(|(y, (g, u))| {
-            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                *y = g * sigmoid(g) * u;
-            }
+            simd(
+                #[inline(always)]
+                || {
+                    for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                        *y = g * sigmoid(g) * u;
+                    }
+                },
+            )
         });
     like(g, y)
 }
@@ -120,11 +125,16 @@ impl Backward<Flex, 2> for SwigluBackward {
                     .zip(gs.par_chunks(CHUNK).zip(us.par_chunks(CHUNK))),
             )
             .for_each(|((dg, du), (dy, (g, u)))| {
-                for i in 0..dg.len() {
-                    let s = sigmoid(g[i]);
-                    dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                    du[i] = dy[i] * g[i] * s;
-                }
+                simd(
+                    #[inline(always)]
+                    || {
+                        for i in 0..dg.len() {
+                            let s = sigmoid(g[i]);
+                            dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                            du[i] = dy[i] * g[i] * s;
+                        }
+                    },
+                )
             });
         let [ng, nu] = ops.parents;
         if let Some(node) = ng {
