@@ -207,3 +207,72 @@ fn other_backends_get_their_operands_back() {
     let bad = try_linear(mat::<Flex>(3, 4, 1, false), mat::<Flex>(5, 2, 2, false));
     assert!(bad.is_err());
 }
+
+#[test]
+fn fused_adamw_matches_the_burn_ops() {
+    use peft_core::fused::{AdamWUpdate, adamw};
+    fn run<B: Backend>(wd: f64, keep_p: bool) -> Vec<Vec<f32>> {
+        let device = Default::default();
+        let t = |seed: u64| {
+            Tensor::<B, 1>::from_data(TensorData::new(uniform(40_000, seed), [40_000]), &device)
+        };
+        let mut p = t(1);
+        let mut moments = None;
+        let mut out = Vec::new();
+        for step in 1..=3 {
+            let u = AdamWUpdate {
+                lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: wd,
+                step,
+            };
+            // A copy of the parameter held elsewhere must not change.
+            let held = keep_p.then(|| (p.clone(), vals(p.clone())));
+            let (np, m, v) = adamw(p, t(10 + step as u64), moments, &u);
+            if let Some((held, before)) = held {
+                assert_eq!(vals(held), before, "a held parameter changed");
+            }
+            out.push(vals(np.clone()));
+            p = np;
+            moments = Some((m, v));
+        }
+        let (m, v) = moments.unwrap();
+        out.push(vals(m));
+        out.push(vals(v));
+        out
+    }
+    for wd in [0.0, 0.1] {
+        for keep_p in [false, true] {
+            let want = run::<NdArray>(wd, keep_p);
+            let got = run::<Flex>(wd, keep_p);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                close(
+                    g,
+                    w,
+                    &format!("weight decay {wd}, held {keep_p}: output {i}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_sum_of_squares_and_scaling_match_the_burn_ops() {
+    use peft_core::fused::{scale, sum_squares};
+    let device = Default::default();
+    let values = uniform(70_001, 3);
+    let want: f64 = values.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let t = Tensor::<Flex, 1>::from_data(TensorData::new(values.clone(), [70_001]), &device);
+    let got = sum_squares(&t);
+    assert!(
+        (got - want).abs() <= 1e-5 * want,
+        "sum of squares {got}, want {want}"
+    );
+    let held = t.clone();
+    let scaled = vals(scale(t, 0.25));
+    assert_eq!(vals(held), values, "a held tensor changed");
+    let want: Vec<f32> = values.iter().map(|v| v * 0.25).collect();
+    assert_eq!(scaled, want);
+}

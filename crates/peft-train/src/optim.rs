@@ -142,19 +142,17 @@ impl<B: Backend> GradStore<B> {
 
     /// The global L2 norm of all gradients.
     pub fn global_norm(&self) -> f64 {
-        let mut sum = 0.0f64;
-        for g in self.grads.values() {
-            let s: f32 = g.clone().powi_scalar(2).sum().into_scalar().elem();
-            sum += f64::from(s);
-        }
+        let sum: f64 = self.grads.values().map(peft_core::fused::sum_squares).sum();
         sum.sqrt()
     }
 
     /// Scales every gradient by `factor`.
     pub fn scale(&mut self, factor: f64) {
-        for g in self.grads.values_mut() {
-            *g = g.clone() * factor;
-        }
+        let grads = std::mem::take(&mut self.grads);
+        self.grads = grads
+            .into_iter()
+            .map(|(k, g)| (k, peft_core::fused::scale(g, factor)))
+            .collect();
     }
 
     /// Clips to a global norm of `max_norm` as `torch.nn.utils.clip_grad_norm_` does
@@ -318,21 +316,15 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for AdamWMapper<'_, AB::InnerBackend>
         let shape = tensor.shape();
         let n = shape.num_elements();
         let p = tensor.inner().reshape([n]);
-        let (m, v) = match self.opt.moments.remove(&key) {
-            Some(mv) => mv,
-            None => (g.zeros_like(), g.zeros_like()),
+        let update = peft_core::fused::AdamWUpdate {
+            lr: self.lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            weight_decay: c.weight_decay,
+            step: t,
         };
-        let m = m * c.beta1 + g.clone() * (1.0 - c.beta1);
-        let v = v * c.beta2 + g.powi_scalar(2) * (1.0 - c.beta2);
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        let p = if c.weight_decay > 0.0 {
-            p * (1.0 - self.lr * c.weight_decay)
-        } else {
-            p
-        };
-        let denom = v.clone().sqrt() / bc2.sqrt() + c.eps;
-        let p = p - m.clone() / denom * (self.lr / bc1);
+        let (p, m, v) = peft_core::fused::adamw(p, g, self.opt.moments.remove(&key), &update);
         self.opt.moments.insert(key, (m, v));
         let p = Tensor::<AB, D>::from_inner(p.reshape(shape)).require_grad();
         Param::from_mapped_value(id, p, mapper)

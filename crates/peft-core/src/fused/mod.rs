@@ -3,6 +3,8 @@
 //!
 //! - [`linear`]: `x W`, the product of every linear layer.
 //! - [`low_rank_add`]: `y + s (x A) B`, the low-rank update of LoRA and its relatives.
+//! - [`adamw`]: one AdamW update of a parameter and its moments; [`sum_squares`] and
+//!   [`scale`] for clipping gradients by their global norm.
 //!
 //! On the CPU backend (`Flex` and `Autodiff<Flex>`, f32, feature `flex`, on by default) each
 //! is one pass of `gemm` calls over host memory and, under autodiff, one graph node with its
@@ -12,6 +14,8 @@
 //! a LoRA training step of SmolLM2-135M, see docs/benchmarks.md. Every other backend runs
 //! the burn operations. [`flex`] has the pieces for writing such operations.
 
+#[cfg(feature = "flex")]
+mod adamw;
 #[cfg(feature = "flex")]
 pub mod flex;
 #[cfg(feature = "flex")]
@@ -53,4 +57,73 @@ pub fn low_rank_add<B: Backend>(
         Err(inputs) => inputs,
     };
     y + x.clone().matmul(a).matmul(b) * scale
+}
+
+/// The hyper-parameters of one AdamW update.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWUpdate {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the denominator.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// The update's number, from 1 (for the bias corrections).
+    pub step: i32,
+}
+
+/// One AdamW update of a flattened parameter `p` with gradient `g` and moments `(m, v)`
+/// (zeros when `None`), as `torch.optim.AdamW` computes it: `p *= 1 - lr wd`,
+/// `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
+/// `p -= lr / (1 - b1^t) m / (sqrt(v) / sqrt(1 - b2^t) + eps)`. Returns `(p, m, v)`. On the
+/// CPU backend one parallel pass that updates the buffers in place where it holds them
+/// alone.
+pub fn adamw<B: Backend>(
+    p: Tensor<B, 1>,
+    g: Tensor<B, 1>,
+    moments: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
+    u: &AdamWUpdate,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Tensor<B, 1>) {
+    #[cfg(feature = "flex")]
+    let (p, g, moments) = match adamw::try_adamw(p, g, moments, u) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    let (m, v) = moments.unwrap_or_else(|| (g.zeros_like(), g.zeros_like()));
+    let m = m * u.beta1 + g.clone() * (1.0 - u.beta1);
+    let v = v * u.beta2 + g.powi_scalar(2) * (1.0 - u.beta2);
+    let bc1 = 1.0 - u.beta1.powi(u.step);
+    let bc2 = 1.0 - u.beta2.powi(u.step);
+    let p = if u.weight_decay > 0.0 {
+        p * (1.0 - u.lr * u.weight_decay)
+    } else {
+        p
+    };
+    let denom = v.clone().sqrt() / bc2.sqrt() + u.eps;
+    let p = p - m.clone() / denom * (u.lr / bc1);
+    (p, m, v)
+}
+
+/// `sum t^2`, accumulated in f64 across parallel chunks on the CPU backend.
+pub fn sum_squares<B: Backend>(t: &Tensor<B, 1>) -> f64 {
+    #[cfg(feature = "flex")]
+    if let Some(s) = adamw::try_sum_squares(t) {
+        return s;
+    }
+    let s: f32 = t.clone().powi_scalar(2).sum().into_scalar().elem();
+    f64::from(s)
+}
+
+/// `t * factor`; on the CPU backend in place where `t` holds its buffer alone.
+pub fn scale<B: Backend>(t: Tensor<B, 1>, factor: f64) -> Tensor<B, 1> {
+    #[cfg(feature = "flex")]
+    let t = match adamw::try_scale(t, factor) {
+        Ok(t) => return t,
+        Err(t) => t,
+    };
+    t * factor
 }
