@@ -111,6 +111,17 @@ fn add_into(y: FlexTensor, t: &[f32], b: Matrix<'_>, scale: f32) -> FlexTensor {
     y
 }
 
+/// `t = x a` (`[rows, r]`), the row count and `b`'s view; `None` where a tensor is not a
+/// 2-D f32 matrix with non-negative strides.
+fn first_product<'b>(
+    x: &FlexTensor,
+    a: &FlexTensor,
+    b: &'b FlexTensor,
+) -> Option<(Vec<f32>, usize, Matrix<'b>)> {
+    let (xm, am, bm) = (Matrix::new(x)?, Matrix::new(a)?, Matrix::new(b)?);
+    Some((narrow(xm, am, 1.0), xm.rows, bm))
+}
+
 fn plain<B: Backend>(
     y: Tensor<B, 2>,
     x: &Tensor<B, 2>,
@@ -124,11 +135,9 @@ fn plain<B: Backend>(
     let (Some(xp), Some(ap), Some(bp)) = (prim(x), prim(&a), prim(&b)) else {
         return Err((y, a, b));
     };
-    let (Some(xm), Some(am), Some(bm)) = (Matrix::new(&xp), Matrix::new(&ap), Matrix::new(&bp))
-    else {
+    let Some((t, _, bm)) = first_product(&xp, &ap, &bp) else {
         return Err((y, a, b));
     };
-    let t = narrow(xm, am, 1.0);
     let yp = try_cast::<_, Tensor<Flex, 2>>(y)
         .unwrap_or_else(|_| unreachable!("B is Flex"))
         .into_primitive()
@@ -156,14 +165,9 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
     let (Some(xa), Some(aa), Some(ba)) = (prim(x), prim(&a), prim(&b)) else {
         return Err((y, a, b));
     };
-    let (Some(xm), Some(am), Some(bm)) = (
-        Matrix::new(&xa.primitive),
-        Matrix::new(&aa.primitive),
-        Matrix::new(&ba.primitive),
-    ) else {
+    let Some((t, rows, bm)) = first_product(&xa.primitive, &aa.primitive, &ba.primitive) else {
         return Err((y, a, b));
     };
-    let t = narrow(xm, am, 1.0);
     let ya = try_cast::<_, Tensor<Ad<C>, 2>>(y)
         .unwrap_or_else(|_| unreachable!("B is Autodiff<Flex, C>"))
         .into_primitive()
@@ -171,12 +175,11 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
     let y_node = ya.node.clone();
     let out = add_into(ya.primitive, &t, bm, scale);
     let (x_tracked, a_tracked, b_tracked) = (xa.is_tracked(), aa.is_tracked(), ba.is_tracked());
-    let rows = xm.rows;
     let state = LowRankState {
         x: a_tracked.then(|| xa.primitive.clone()),
         a: x_tracked.then(|| aa.primitive.clone()),
         b: (x_tracked || a_tracked).then(|| ba.primitive.clone()),
-        t: b_tracked.then(|| FlexTensor::from_data(TensorData::new(t, [rows, am.cols]))),
+        t: b_tracked.then(|| FlexTensor::from_data(TensorData::new(t, [rows, bm.rows]))),
         scale,
     };
     let out = match LowRankBackward
