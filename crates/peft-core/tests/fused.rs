@@ -276,3 +276,81 @@ fn fused_sum_of_squares_and_scaling_match_the_burn_ops() {
     let want: Vec<f32> = values.iter().map(|v| v * 0.25).collect();
     assert_eq!(scaled, want);
 }
+
+/// `(y, dx)` of `sum(c * dropout(x))` for a `[rows, cols]` `x` (made transposed when asked).
+fn dropout_case<B: AutodiffBackend>(
+    p: f64,
+    transposed: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (rows, cols) = (96, 200);
+    // Away from zero, so that a zero output means a dropped element.
+    let x = mat::<B>(rows, cols, 11, transposed)
+        .abs()
+        .add_scalar(0.5)
+        .require_grad();
+    let c = mat::<B>(rows, cols, 12, false);
+    let y = peft_core::fused::dropout(x.clone(), p);
+    let grads = (y.clone() * c.clone()).sum().backward();
+    let dx = x.grad(&grads).unwrap();
+    (vals(x.inner()), vals(c.inner()), vals(y.inner()), vals(dx))
+}
+
+/// Checks `y` and `dx` against torch.nn.Dropout's definition: every element either zeroed
+/// or scaled by `1 / (1 - p)`, its gradient the same, and about `p` of them dropped
+/// (within 5 standard deviations). Returns which elements were kept.
+fn check_dropout(p: f64, case: (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>), what: &str) -> Vec<bool> {
+    let (x, c, y, dx) = case;
+    let keep = 1.0 - p;
+    let kept: Vec<bool> = y.iter().map(|&v| v != 0.0).collect();
+    let want_y: Vec<f32> = x
+        .iter()
+        .zip(&kept)
+        .map(|(&x, &k)| if k { x * (1.0 / keep) as f32 } else { 0.0 })
+        .collect();
+    let want_dx: Vec<f32> = c
+        .iter()
+        .zip(&kept)
+        .map(|(&c, &k)| if k { c * (1.0 / keep) as f32 } else { 0.0 })
+        .collect();
+    close(&y, &want_y, &format!("{what}: output"));
+    close(&dx, &want_dx, &format!("{what}: gradient"));
+    let n = y.len() as f64;
+    let dropped = kept.iter().filter(|&&k| !k).count() as f64;
+    let sd = (n * p * keep).sqrt();
+    assert!(
+        (dropped - n * p).abs() <= 5.0 * sd,
+        "{what}: {dropped} of {n} dropped at p = {p}"
+    );
+    kept
+}
+
+#[test]
+fn fused_dropout_is_torch_dropout_and_repeatable_under_a_seed() {
+    type Ad = Autodiff<Flex>;
+    let device = Default::default();
+    for (p, transposed) in [(0.05, false), (0.1, true), (0.5, false)] {
+        let what = format!("flex, p = {p}, transposed {transposed}");
+        check_dropout(p, dropout_case::<Ad>(p, transposed), &what);
+    }
+    // burn's Dropout on another backend keeps the same contract.
+    check_dropout(
+        0.1,
+        dropout_case::<Autodiff<NdArray>>(0.1, false),
+        "ndarray",
+    );
+
+    // The backend's seed fixes the masks; calls after it draw new ones.
+    <Ad as Backend>::seed(&device, 5);
+    let first = check_dropout(0.1, dropout_case::<Ad>(0.1, false), "seeded");
+    let second = check_dropout(0.1, dropout_case::<Ad>(0.1, false), "seeded, second call");
+    <Ad as Backend>::seed(&device, 5);
+    let again = check_dropout(0.1, dropout_case::<Ad>(0.1, false), "seeded again");
+    assert_eq!(first, again, "the same seed gives the same mask");
+    assert_ne!(first, second, "a second call draws a new mask");
+
+    // The identity without autodiff and at p = 0.
+    let x = mat::<Flex>(8, 9, 3, false);
+    assert_eq!(vals(peft_core::fused::dropout(x.clone(), 0.3)), vals(x));
+    let x = mat::<Ad>(8, 9, 3, false);
+    assert_eq!(vals(peft_core::fused::dropout(x.clone(), 0.0)), vals(x));
+}

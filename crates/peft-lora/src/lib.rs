@@ -196,7 +196,7 @@ impl<B: Backend> LinearAdapter<B> for LoraLayer<B> {
         base: &W,
         output: Tensor<B, D>,
     ) -> Tensor<B, D> {
-        let x = self.dropout.forward(input.clone());
+        let x = peft_core::fused::dropout(input.clone(), self.dropout.prob);
         // 2-D products over all leading dimensions: A's gradient is then one product over
         // every token instead of a batched product and a sum over the batch.
         let mut dims = x.dims();

@@ -3,6 +3,7 @@
 //!
 //! - [`linear`]: `x W`, the product of every linear layer.
 //! - [`low_rank_add`]: `y + s (x A) B`, the low-rank update of LoRA and its relatives.
+//! - [`dropout`]: the dropout in front of LoRA's update.
 //! - [`adamw`]: one AdamW update of a parameter and its moments; [`sum_squares`] and
 //!   [`scale`] for clipping gradients by their global norm.
 //!
@@ -16,6 +17,8 @@
 
 #[cfg(feature = "flex")]
 mod adamw;
+#[cfg(feature = "flex")]
+mod dropout;
 #[cfg(feature = "flex")]
 pub mod flex;
 #[cfg(feature = "flex")]
@@ -57,6 +60,25 @@ pub fn low_rank_add<B: Backend>(
         Err(inputs) => inputs,
     };
     y + x.clone().matmul(a).matmul(b) * scale
+}
+
+/// Dropout as `torch.nn.Dropout` in training: each element is zeroed with probability
+/// `prob` and the survivors are scaled by `1 / (1 - prob)`. Like burn's `Dropout`, it is the
+/// identity when `prob` is 0 or the backend does not track gradients. On the CPU backend
+/// under autodiff the mask is drawn by a counter-based generator seeded from the backend's
+/// (so `B::seed` makes it repeatable) in one parallel pass, and the backward pass draws it
+/// again from the seed instead of keeping it; burn's `Dropout` there draws one element at a
+/// time on one core and keeps an f32 mask as large as `x` until the backward pass.
+pub fn dropout<B: Backend, const D: usize>(x: Tensor<B, D>, prob: f64) -> Tensor<B, D> {
+    if prob == 0.0 || !B::ad_enabled(&x.device()) {
+        return x;
+    }
+    #[cfg(feature = "flex")]
+    let x = match dropout::try_dropout(x, prob) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    burn::nn::DropoutConfig::new(prob).init().forward(x)
 }
 
 /// The hyper-parameters of one AdamW update.
