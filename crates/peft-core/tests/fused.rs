@@ -277,7 +277,8 @@ fn fused_sum_of_squares_and_scaling_match_the_burn_ops() {
     assert_eq!(scaled, want);
 }
 
-/// `(y, dx)` of `sum(c * dropout(x))` for a `[rows, cols]` `x` (made transposed when asked).
+/// `(x, c, y, dx)` of `sum(c * dropout(x))` for a `[rows, cols]` `x` (made transposed when
+/// asked).
 fn dropout_case<B: AutodiffBackend>(
     p: f64,
     transposed: bool,

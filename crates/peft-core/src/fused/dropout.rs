@@ -34,6 +34,7 @@ struct Mask {
 }
 
 impl Mask {
+    /// A mask keeping `keep` of the elements, seeded from Flex's generator.
     fn new(keep: f64) -> Self {
         // Three uniform f32 draws from Flex's generator, mixed into one 64-bit seed.
         let draws = Tensor::<Flex, 1>::random([3], Distribution::Default, &Default::default())
@@ -43,6 +44,10 @@ impl Mask {
         let seed = draws.iter().fold(0u64, |s, d| {
             splitmix64(s ^ u64::from(d.to_bits())).wrapping_add(GOLDEN)
         });
+        Self::with_seed(seed, keep)
+    }
+
+    fn with_seed(seed: u64, keep: f64) -> Self {
         Self {
             seed,
             threshold: (keep * 4_294_967_296.0) as u64,
@@ -50,21 +55,21 @@ impl Mask {
         }
     }
 
+    /// Whether element `i` is kept.
+    #[inline(always)]
+    fn keeps(&self, i: usize) -> bool {
+        let h = splitmix64(self.seed.wrapping_add((i as u64).wrapping_mul(GOLDEN)));
+        (h >> 32) < self.threshold
+    }
+
     /// `dst[j] = src[j] * (scale or 0)` for the elements `start..start + src.len()`.
     fn apply(&self, start: usize, src: &[f32], dst: &mut [f32]) {
-        let Self {
-            seed,
-            threshold,
-            scale,
-        } = *self;
         simd(
             #[inline(always)]
             || {
                 for (j, (d, &s)) in dst.iter_mut().zip(src).enumerate() {
-                    let i = (start + j) as u64;
-                    let h = splitmix64(seed.wrapping_add(i.wrapping_mul(GOLDEN)));
-                    *d = if (h >> 32) < threshold {
-                        s * scale
+                    *d = if self.keeps(start + j) {
+                        s * self.scale
                     } else {
                         0.0
                     };
@@ -75,19 +80,12 @@ impl Mask {
 
     /// [`Self::apply`] with `dst` as its own source.
     fn apply_in_place(&self, start: usize, dst: &mut [f32]) {
-        let Self {
-            seed,
-            threshold,
-            scale,
-        } = *self;
         simd(
             #[inline(always)]
             || {
                 for (j, d) in dst.iter_mut().enumerate() {
-                    let i = (start + j) as u64;
-                    let h = splitmix64(seed.wrapping_add(i.wrapping_mul(GOLDEN)));
-                    *d = if (h >> 32) < threshold {
-                        *d * scale
+                    *d = if self.keeps(start + j) {
+                        *d * self.scale
                     } else {
                         0.0
                     };
@@ -195,11 +193,7 @@ mod tests {
 
     #[test]
     fn the_mask_does_not_depend_on_how_the_pass_is_split() {
-        let mask = Mask {
-            seed: 7,
-            threshold: (0.9 * 4_294_967_296.0) as u64,
-            scale: 1.0 / 0.9,
-        };
+        let mask = Mask::with_seed(7, 0.9);
         let src: Vec<f32> = (0..1000).map(|i| i as f32 + 1.0).collect();
         let mut whole = vec![0.0; 1000];
         mask.apply(0, &src, &mut whole);
