@@ -355,3 +355,151 @@ fn fused_dropout_is_torch_dropout_and_repeatable_under_a_seed() {
     let x = mat::<Ad>(8, 9, 3, false);
     assert_eq!(vals(peft_core::fused::dropout(x.clone(), 0.0)), vals(x));
 }
+
+/// The operands of a low-rank update with dropout: `x` `[64, 48]`, `a` `[48, r]`, `b`
+/// `[r, 40]`, the base output `y0` and the weights `c` of the loss `sum(c * out)`.
+struct DropoutUpdate {
+    r: usize,
+    x_transposed: bool,
+    a_transposed: bool,
+    track_x: bool,
+}
+
+impl DropoutUpdate {
+    const ROWS: usize = 64;
+    const IN: usize = 48;
+    const OUT: usize = 40;
+
+    /// `[out, dy0, da, db, dx]` (`dx` only when tracked) of `sum(c * (y0 + s (d(x) a) b))`,
+    /// where `d` is the fused dropout at `p` when `kept` is `None`, and otherwise the
+    /// given mask written as burn operations.
+    fn run<B: AutodiffBackend>(&self, p: f64, kept: Option<&[bool]>) -> Vec<Vec<f32>> {
+        let device = Default::default();
+        let x = mat::<B>(Self::ROWS, Self::IN, 21, self.x_transposed);
+        let x = if self.track_x { x.require_grad() } else { x };
+        let a = mat::<B>(Self::IN, self.r, 22, self.a_transposed).require_grad();
+        let b = mat::<B>(self.r, Self::OUT, 23, false).require_grad();
+        let y0 = mat::<B>(Self::ROWS, Self::OUT, 24, false).require_grad();
+        let c = mat::<B>(Self::ROWS, Self::OUT, 25, false);
+        // `y0 * 1`: the base output is a node of its own, as a layer's output is.
+        let y = y0.clone() * 1.0;
+        let z = match kept {
+            None => peft_core::fused::low_rank_add_dropout(y, &x, a.clone(), b.clone(), 0.75, p),
+            Some(kept) => {
+                let scale: Vec<f32> = kept
+                    .iter()
+                    .map(|&k| if k { (1.0 / (1.0 - p)) as f32 } else { 0.0 })
+                    .collect();
+                let m = Tensor::<B, 2>::from_data(
+                    TensorData::new(scale, [Self::ROWS, Self::IN]),
+                    &device,
+                );
+                y + (x.clone() * m).matmul(a.clone()).matmul(b.clone()) * 0.75
+            }
+        };
+        let grads = (z.clone() * c).sum().backward();
+        let mut res = vec![
+            vals(z),
+            vals(y0.grad(&grads).unwrap()),
+            vals(a.grad(&grads).unwrap()),
+            vals(b.grad(&grads).unwrap()),
+        ];
+        if self.track_x {
+            res.push(vals(x.grad(&grads).unwrap()));
+        }
+        res
+    }
+}
+
+#[test]
+fn fused_low_rank_add_with_dropout_is_dropout_then_the_update() {
+    type Ad = Autodiff<Flex>;
+    type Balanced =
+        Autodiff<Flex, burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing>;
+    let device = Default::default();
+    let names = ["output", "dy0", "da", "db", "dx"];
+    // r = 16 takes the rank kernels, r = 5 and a transposed `a` the general product; a
+    // transposed `x` is copied to a contiguous one first.
+    let cases = [
+        (0.1, 16, false, false),
+        (0.3, 5, false, true),
+        (0.5, 16, true, false),
+    ];
+    for (p, r, x_transposed, a_transposed) in cases {
+        let what =
+            format!("p = {p}, r = {r}, x transposed {x_transposed}, a transposed {a_transposed}");
+        let tracked = DropoutUpdate {
+            r,
+            x_transposed,
+            a_transposed,
+            track_x: true,
+        };
+        <Ad as Backend>::seed(&device, 9);
+        let got = tracked.run::<Ad>(p, None);
+        // x's gradient comes only through the update here, so it is zero exactly where the
+        // dropout dropped an element; the whole computation with that mask as burn
+        // operations on ndarray must then give every output and gradient.
+        let kept: Vec<bool> = got[4].iter().map(|&g| g != 0.0).collect();
+        let n = kept.len() as f64;
+        let dropped = kept.iter().filter(|&&k| !k).count() as f64;
+        assert!(
+            (dropped - n * p).abs() <= 5.0 * (n * p * (1.0 - p)).sqrt(),
+            "{what}: {dropped} of {n} dropped"
+        );
+        let want = tracked.run::<Autodiff<NdArray>>(p, Some(&kept));
+        for (name, (g, w)) in names.iter().zip(got.iter().zip(&want)) {
+            close(g, w, &format!("{what}: {name}"));
+        }
+
+        // The same seed, with x frozen (the node keeps x only for da) and under balanced
+        // checkpointing: the same mask, the same results.
+        let frozen = DropoutUpdate {
+            track_x: false,
+            ..tracked
+        };
+        let want = frozen.run::<Autodiff<NdArray>>(p, Some(&kept));
+        <Ad as Backend>::seed(&device, 9);
+        let got = frozen.run::<Ad>(p, None);
+        for (name, (g, w)) in names.iter().zip(got.iter().zip(&want)) {
+            close(g, w, &format!("{what}, x frozen: {name}"));
+        }
+        <Balanced as Backend>::seed(&device, 9);
+        let got = frozen.run::<Balanced>(p, None);
+        for (name, (g, w)) in names.iter().zip(got.iter().zip(&want)) {
+            close(g, w, &format!("{what}, x frozen, balanced: {name}"));
+        }
+    }
+
+    // Without dropout, and without autodiff, it is the update.
+    let plain = DropoutUpdate {
+        r: 16,
+        x_transposed: false,
+        a_transposed: false,
+        track_x: true,
+    };
+    let want = plain.run::<Autodiff<NdArray>>(0.0, Some(&[true; 64 * 48]));
+    for (name, (g, w)) in names
+        .iter()
+        .zip(plain.run::<Ad>(0.0, None).iter().zip(&want))
+    {
+        close(g, w, &format!("p = 0: {name}"));
+    }
+    let (x, a, b, y) = (
+        mat::<Flex>(6, 5, 11, false),
+        mat::<Flex>(5, 2, 12, false),
+        mat::<Flex>(2, 4, 13, true),
+        mat::<Flex>(6, 4, 14, false),
+    );
+    close(
+        &vals(peft_core::fused::low_rank_add_dropout(
+            y.clone(),
+            &x,
+            a.clone(),
+            b.clone(),
+            2.0,
+            0.5,
+        )),
+        &vals(y + x.matmul(a).matmul(b) * 2.0),
+        "inference",
+    );
+}

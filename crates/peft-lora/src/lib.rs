@@ -196,25 +196,27 @@ impl<B: Backend> LinearAdapter<B> for LoraLayer<B> {
         base: &W,
         output: Tensor<B, D>,
     ) -> Tensor<B, D> {
-        let x = peft_core::fused::dropout(input.clone(), self.dropout.prob);
         // 2-D products over all leading dimensions: A's gradient is then one product over
         // every token instead of a batched product and a sum over the batch.
-        let mut dims = x.dims();
+        let mut dims = input.dims();
         let (rows, inp) = (dims[..D - 1].iter().product::<usize>(), dims[D - 1]);
         let b = self.lora_b.val();
         let out = b.dims()[1];
         dims[D - 1] = out;
         if self.magnitude.is_none() && self.lora_b_bias.is_none() {
-            // Plain LoRA: one fused update, added into the base output's buffer on the CPU.
-            return peft_core::fused::low_rank_add(
+            // Plain LoRA: one fused update with its dropout, added into the base output's
+            // buffer on the CPU.
+            return peft_core::fused::low_rank_add_dropout(
                 output.reshape([rows, out]),
-                &x.reshape([rows, inp]),
+                &input.clone().reshape([rows, inp]),
                 self.lora_a.val(),
                 b,
                 self.scaling,
+                self.dropout.prob,
             )
             .reshape(dims);
         }
+        let x = peft_core::fused::dropout(input.clone(), self.dropout.prob);
         let lora = x
             .clone()
             .reshape([rows, inp])

@@ -25,7 +25,7 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// The mask of one call: a seed and the kept fraction.
 #[derive(Clone, Copy, Debug)]
-struct Mask {
+pub(super) struct Mask {
     seed: u64,
     /// Elements whose draw is below this are kept (`keep * 2^32`).
     threshold: u64,
@@ -35,7 +35,7 @@ struct Mask {
 
 impl Mask {
     /// A mask keeping `keep` of the elements, seeded from Flex's generator.
-    fn new(keep: f64) -> Self {
+    pub(super) fn new(keep: f64) -> Self {
         // Three uniform f32 draws from Flex's generator, mixed into one 64-bit seed.
         let draws = Tensor::<Flex, 1>::random([3], Distribution::Default, &Default::default())
             .into_data()
@@ -95,7 +95,7 @@ impl Mask {
     }
 
     /// The masked copy of the contiguous f32 `x`.
-    fn forward(&self, x: &FlexTensor) -> FlexTensor {
+    pub(super) fn forward(&self, x: &FlexTensor) -> FlexTensor {
         let n = x.shape().num_elements();
         let src = &x.storage::<f32>()[..n];
         let mut out = vec![0.0f32; n];
@@ -108,7 +108,7 @@ impl Mask {
 
     /// The mask applied to the contiguous f32 `g` in its own buffer (copied first when
     /// shared).
-    fn backward(&self, mut g: FlexTensor) -> FlexTensor {
+    pub(super) fn backward(&self, mut g: FlexTensor) -> FlexTensor {
         let n = g.shape().num_elements();
         g.storage_mut::<f32>()[..n]
             .par_chunks_mut(CHUNK)

@@ -10,7 +10,7 @@
 //! this way.
 
 pub use super::linear::{Pair, try_linear};
-pub use super::low_rank::{Triple, try_low_rank_add};
+pub use super::low_rank::{Triple, try_low_rank_add, try_low_rank_add_dropout};
 
 use std::any::{Any, TypeId};
 

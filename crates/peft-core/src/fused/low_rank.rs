@@ -11,6 +11,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 
+use super::dropout::Mask;
 use super::flex::{
     FlexKind, Matrix, Product, cast, contiguous_f32, flex_kind, gemm, matmul, parallel, try_cast,
 };
@@ -31,15 +32,33 @@ pub fn try_low_rank_add<B: Backend>(
     b: Tensor<B, 2>,
     scale: f64,
 ) -> Result<Tensor<B, 2>, Triple<B>> {
+    try_low_rank_add_dropout(y, x, a, b, scale, 0.0)
+}
+
+/// [`super::low_rank_add_dropout`] as the fused operation, where `B` is a CPU backend,
+/// every tensor is f32 and the shapes agree. Without autodiff dropout is the identity and
+/// `prob` is not read.
+///
+/// # Errors
+/// `(y, a, b)`, unchanged, where the fused path does not apply.
+pub fn try_low_rank_add_dropout<B: Backend>(
+    y: Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    scale: f64,
+    prob: f64,
+) -> Result<Tensor<B, 2>, Triple<B>> {
     let ([rows, out], [xr, inp], [ai, r], [br, bo]) = (y.dims(), x.dims(), a.dims(), b.dims());
     if xr != rows || ai != inp || br != r || bo != out || y.dtype() != DType::F32 {
         return Err((y, a, b));
     }
+    let scale = scale as f32;
     match flex_kind::<B>() {
-        Some(FlexKind::Plain) => plain(y, x, a, b, scale as f32),
-        Some(FlexKind::Autodiff) => on_autodiff::<B, NoCheckpointing>(y, x, a, b, scale as f32),
+        Some(FlexKind::Plain) => plain(y, x, a, b, scale),
+        Some(FlexKind::Autodiff) => on_autodiff::<B, NoCheckpointing>(y, x, a, b, scale, prob),
         Some(FlexKind::Balanced) => {
-            on_autodiff::<B, BalancedCheckpointing>(y, x, a, b, scale as f32)
+            on_autodiff::<B, BalancedCheckpointing>(y, x, a, b, scale, prob)
         }
         None => Err((y, a, b)),
     }
@@ -157,6 +176,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
     a: Tensor<B, 2>,
     b: Tensor<B, 2>,
     scale: f32,
+    prob: f64,
 ) -> Result<Tensor<B, 2>, Triple<B>> {
     type Ad<C> = Autodiff<Flex, C>;
     let prim = |t: &Tensor<B, 2>| {
@@ -165,9 +185,26 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
     let (Some(xa), Some(aa), Some(ba)) = (prim(x), prim(&a), prim(&b)) else {
         return Err((y, a, b));
     };
-    let Some((t, rows, bm)) = first_product(&xa.primitive, &aa.primitive, &ba.primitive) else {
+    // With dropout the product reads a masked copy of `x` that is dropped straight after;
+    // the node keeps `x` itself (which the base layer's node holds anyway) and the mask's
+    // seed, and masks again in the backward pass.
+    let (input, mask) = if prob > 0.0 {
+        let Some(x) = contiguous_f32(&xa.primitive) else {
+            return Err((y, a, b));
+        };
+        (x, Some(Mask::new(1.0 - prob)))
+    } else {
+        (xa.primitive.clone(), None)
+    };
+    let dropped = mask.map(|m| m.forward(&input));
+    let Some((t, rows, bm)) = first_product(
+        dropped.as_ref().unwrap_or(&input),
+        &aa.primitive,
+        &ba.primitive,
+    ) else {
         return Err((y, a, b));
     };
+    drop(dropped);
     let ya = try_cast::<_, Tensor<Ad<C>, 2>>(y)
         .unwrap_or_else(|_| unreachable!("B is Autodiff<Flex, C>"))
         .into_primitive()
@@ -176,11 +213,12 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
     let out = add_into(ya.primitive, &t, bm, scale);
     let (x_tracked, a_tracked, b_tracked) = (xa.is_tracked(), aa.is_tracked(), ba.is_tracked());
     let state = LowRankState {
-        x: a_tracked.then(|| xa.primitive.clone()),
+        x: a_tracked.then_some(input),
         a: x_tracked.then(|| aa.primitive.clone()),
         b: (x_tracked || a_tracked).then(|| ba.primitive.clone()),
         t: b_tracked.then(|| FlexTensor::from_data(TensorData::new(t, [rows, bm.rows]))),
         scale,
+        mask,
     };
     let out = match LowRankBackward
         .prepare::<C>([y_node, xa.node.clone(), aa.node.clone(), ba.node.clone()])
@@ -199,7 +237,8 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
 }
 
 /// What the backward pass reads, each only when a tracked input's gradient needs it:
-/// `x` for `da`, `a` for `dx`, `b` for both, `t = x a` for `db`.
+/// `x` for `da`, `a` for `dx`, `b` for both, `t = x a` for `db`; and the dropout mask
+/// applied to `x` in the forward pass, if any.
 #[derive(Debug, Clone)]
 struct LowRankState {
     x: Option<FlexTensor>,
@@ -207,6 +246,7 @@ struct LowRankState {
     b: Option<FlexTensor>,
     t: Option<FlexTensor>,
     scale: f32,
+    mask: Option<Mask>,
 }
 
 #[derive(Debug)]
@@ -266,11 +306,18 @@ impl Backward<Flex, 4> for LowRankBackward {
                 };
                 matmul(um, am.t(), 1.0)
             };
-            grads.register::<Flex>(node.id, flex2(dx, dym.rows, am.rows));
+            let dx = flex2(dx, dym.rows, am.rows);
+            // Through the dropout: the same mask again.
+            let dx = match &s.mask {
+                Some(mask) => mask.backward(dx),
+                None => dx,
+            };
+            grads.register::<Flex>(node.id, dx);
         }
         if let (Some(node), Some(x), Some((u, r))) = (&na, &s.x, &u) {
-            // da = x^T u
-            let xm = Matrix::new(x).expect("the forward pass read x");
+            // da = x^T u, with the forward pass's dropped copy of x when it had one.
+            let dropped = s.mask.map(|mask| mask.forward(x));
+            let xm = Matrix::new(dropped.as_ref().unwrap_or(x)).expect("the forward pass read x");
             let dat = outer_t(u, *r, xm, 1.0);
             grads.register::<Flex>(
                 node.id,

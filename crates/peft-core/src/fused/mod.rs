@@ -3,7 +3,8 @@
 //!
 //! - [`linear`]: `x W`, the product of every linear layer.
 //! - [`low_rank_add`]: `y + s (x A) B`, the low-rank update of LoRA and its relatives.
-//! - [`dropout`]: the dropout in front of LoRA's update.
+//! - [`dropout`]: the dropout in front of LoRA's update, and [`low_rank_add_dropout`], the
+//!   update with its dropout as one operation.
 //! - [`adamw`]: one AdamW update of a parameter and its moments; [`sum_squares`] and
 //!   [`scale`] for clipping gradients by their global norm.
 //!
@@ -60,6 +61,30 @@ pub fn low_rank_add<B: Backend>(
         Err(inputs) => inputs,
     };
     y + x.clone().matmul(a).matmul(b) * scale
+}
+
+/// `y + scale (dropout(x) a) b`: [`low_rank_add`] with LoRA's dropout applied to its input
+/// (`torch.nn.Dropout`'s, as [`dropout`] draws it). On the CPU backend under autodiff it is
+/// one node that keeps `x` and the mask's seed, not the dropped copy of `x`: the base
+/// layer's node holds `x` already, so the dropout adds no buffer of `x`'s size per layer.
+/// The identity dropout (`prob` 0, or no autodiff) makes it [`low_rank_add`].
+pub fn low_rank_add_dropout<B: Backend>(
+    y: Tensor<B, 2>,
+    x: &Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    scale: f64,
+    prob: f64,
+) -> Tensor<B, 2> {
+    if prob == 0.0 || !B::ad_enabled(&x.device()) {
+        return low_rank_add(y, x, a, b, scale);
+    }
+    #[cfg(feature = "flex")]
+    let (y, a, b) = match flex::try_low_rank_add_dropout(y, x, a, b, scale, prob) {
+        Ok(out) => return out,
+        Err(inputs) => inputs,
+    };
+    low_rank_add(y, &dropout(x.clone(), prob), a, b, scale)
 }
 
 /// Dropout as `torch.nn.Dropout` in training: each element is zeroed with probability
