@@ -6,12 +6,12 @@
 
 use burn::backend::Flex;
 use burn::prelude::*;
-use burn::tensor::{DType, TensorPrimitive};
+use burn::tensor::DType;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
 use super::AdamWUpdate;
-use super::flex::{FlexKind, flex_kind, simd, try_cast};
+use super::flex::{FlexKind, flex_kind, from_float, into_float, simd};
 
 /// Values per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -44,12 +44,7 @@ pub(super) fn try_adamw<B: Backend>(
     if !ok {
         return Err((p, g, moments));
     }
-    let prim = |t: Tensor<B, 1>| -> FlexTensor {
-        try_cast::<_, Tensor<Flex, 1>>(t)
-            .unwrap_or_else(|_| unreachable!("B is Flex"))
-            .into_primitive()
-            .tensor()
-    };
+    let prim = |t: Tensor<B, 1>| -> FlexTensor { into_float::<Flex, B, 1>(t).expect("B is Flex") };
     // A buffer of the tensor's own when it holds one alone, a copy otherwise.
     let owned = |t: FlexTensor| -> FlexTensor {
         if t.is_contiguous() && t.layout().start_offset() == 0 && t.is_unique() {
@@ -98,10 +93,7 @@ pub(super) fn try_adamw<B: Backend>(
                 },
             )
         });
-    let back = |t: FlexTensor| -> Tensor<B, 1> {
-        try_cast(Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(t)))
-            .unwrap_or_else(|_| unreachable!("B is Flex"))
-    };
+    let back = |t: FlexTensor| -> Tensor<B, 1> { from_float::<Flex, B, 1>(t).expect("B is Flex") };
     Ok((back(p), back(m), back(v)))
 }
 
@@ -111,11 +103,7 @@ pub(super) fn try_sum_squares<B: Backend>(t: &Tensor<B, 1>) -> Option<f64> {
         return None;
     }
     let n = t.dims()[0];
-    let t = try_cast::<_, Tensor<Flex, 1>>(t.clone())
-        .ok()?
-        .into_primitive()
-        .tensor()
-        .to_contiguous();
+    let t = into_float::<Flex, B, 1>(t.clone())?.to_contiguous();
     let xs = &t.storage::<f32>()[..n];
     Some(
         xs.par_chunks(CHUNK)
@@ -149,10 +137,7 @@ pub(super) fn try_scale<B: Backend>(
         return Err(t);
     }
     let n = t.dims()[0];
-    let t = try_cast::<_, Tensor<Flex, 1>>(t)
-        .unwrap_or_else(|_| unreachable!("B is Flex"))
-        .into_primitive()
-        .tensor();
+    let t = into_float::<Flex, B, 1>(t).expect("B is Flex");
     let mut t = if t.is_contiguous() && t.layout().start_offset() == 0 && t.is_unique() {
         t
     } else {
@@ -172,8 +157,5 @@ pub(super) fn try_scale<B: Backend>(
                 },
             )
         });
-    Ok(
-        try_cast(Tensor::<Flex, 1>::from_primitive(TensorPrimitive::Float(t)))
-            .unwrap_or_else(|_| unreachable!("B is Flex")),
-    )
+    Ok(from_float::<Flex, B, 1>(t).expect("B is Flex"))
 }

@@ -14,11 +14,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::{DType, Distribution, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, Distribution, TensorMetadata};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::flex::{FlexKind, contiguous_f32, flex_kind, simd, try_cast};
+use super::flex::{FlexKind, contiguous_f32, flex_kind, from_float, simd, try_cast};
 
 const CHUNK: usize = 1 << 14;
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -163,12 +163,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy, const D: usize>(
         OpsKind::Tracked(prep) => prep.finish(mask, out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
-    Ok(
-        try_cast(Tensor::<Ad<C>, D>::from_primitive(TensorPrimitive::Float(
-            out,
-        )))
-        .unwrap_or_else(|_| unreachable!("B is Autodiff<Flex, C>")),
-    )
+    Ok(from_float::<Ad<C>, B, D>(out).expect("B is Autodiff<Flex, C>"))
 }
 
 #[derive(Debug)]

@@ -16,8 +16,9 @@ use std::any::{Any, TypeId};
 
 use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::{Autodiff, Flex};
-use burn::prelude::Backend;
-use burn::tensor::{DType, TensorMetadata};
+use burn::prelude::{Backend, Tensor};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 
 /// Which CPU backend `B` is, for the fused operations.
@@ -62,6 +63,22 @@ pub fn try_cast<T: 'static, U: 'static>(t: T) -> Result<U, T> {
             .downcast::<T>()
             .unwrap_or_else(|_| unreachable!("the box holds a T"))),
     }
+}
+
+/// The float primitive of `t` as one of the backend `K`, when `B` is `K` (`None`
+/// otherwise): how a fused operation takes its generic operands apart.
+pub fn into_float<K: Backend, B: Backend, const D: usize>(
+    t: Tensor<B, D>,
+) -> Option<FloatTensor<K>> {
+    cast::<_, Tensor<K, D>>(t).map(|t| t.into_primitive().tensor())
+}
+
+/// A float primitive of the backend `K` as a `Tensor<B, D>`, when `B` is `K` (`None`
+/// otherwise): how a fused operation hands its result back.
+pub fn from_float<K: Backend, B: Backend, const D: usize>(
+    p: FloatTensor<K>,
+) -> Option<Tensor<B, D>> {
+    cast(Tensor::<K, D>::from_primitive(TensorPrimitive::Float(p)))
 }
 
 /// Runs `f` compiled for the widest vector extension this CPU has (AVX-512, or AVX2 with

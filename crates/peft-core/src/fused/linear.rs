@@ -8,10 +8,9 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::TensorPrimitive;
 use burn_flex::FlexTensor;
 
-use super::flex::{FlexKind, Matrix, cast, contiguous_f32, flex_kind, matmul, try_cast};
+use super::flex::{FlexKind, Matrix, contiguous_f32, flex_kind, from_float, into_float, matmul};
 
 /// Two operands handed back.
 pub type Pair<B> = (Tensor<B, 2>, Tensor<B, 2>);
@@ -44,18 +43,15 @@ fn product(x: &FlexTensor, w: &FlexTensor) -> Option<FlexTensor> {
 
 fn plain<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Result<Tensor<B, 2>, Pair<B>> {
     let (xf, wf) = (
-        cast::<_, Tensor<Flex, 2>>(x.clone()).map(|t| t.into_primitive().tensor()),
-        cast::<_, Tensor<Flex, 2>>(w.clone()).map(|t| t.into_primitive().tensor()),
+        into_float::<Flex, B, 2>(x.clone()),
+        into_float::<Flex, B, 2>(w.clone()),
     );
     let y = match (xf, wf) {
         (Some(xf), Some(wf)) => product(&xf, &wf),
         _ => None,
     };
     match y {
-        Some(y) => Ok(
-            try_cast(Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(y)))
-                .unwrap_or_else(|_| unreachable!("B is Flex")),
-        ),
+        Some(y) => Ok(from_float::<Flex, B, 2>(y).expect("B is Flex")),
         None => Err((x, w)),
     }
 }
@@ -66,12 +62,11 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
 ) -> Result<Tensor<B, 2>, Pair<B>> {
     type Ad<C> = Autodiff<Flex, C>;
     let (Some(xa), Some(wa)) = (
-        cast::<_, Tensor<Ad<C>, 2>>(x.clone()),
-        cast::<_, Tensor<Ad<C>, 2>>(w.clone()),
+        into_float::<Ad<C>, B, 2>(x.clone()),
+        into_float::<Ad<C>, B, 2>(w.clone()),
     ) else {
         return Err((x, w));
     };
-    let (xa, wa) = (xa.into_primitive().tensor(), wa.into_primitive().tensor());
     let Some(y) = product(&xa.primitive, &wa.primitive) else {
         return Err((x, w));
     };
@@ -87,12 +82,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
         OpsKind::Tracked(prep) => prep.finish(state, y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
-    Ok(
-        try_cast(Tensor::<Ad<C>, 2>::from_primitive(TensorPrimitive::Float(
-            out,
-        )))
-        .unwrap_or_else(|_| unreachable!("B is Autodiff<Flex, C>")),
-    )
+    Ok(from_float::<Ad<C>, B, 2>(out).expect("B is Autodiff<Flex, C>"))
 }
 
 /// What the backward pass reads: `x` when `w` is tracked, `w` when `x` is.

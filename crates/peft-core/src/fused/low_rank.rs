@@ -8,12 +8,13 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, TensorMetadata};
 use burn_flex::FlexTensor;
 
 use super::dropout::Mask;
 use super::flex::{
-    FlexKind, Matrix, Product, cast, contiguous_f32, flex_kind, gemm, matmul, parallel, try_cast,
+    FlexKind, Matrix, Product, contiguous_f32, flex_kind, from_float, gemm, into_float, matmul,
+    parallel,
 };
 use super::rank;
 
@@ -148,26 +149,16 @@ fn plain<B: Backend>(
     b: Tensor<B, 2>,
     scale: f32,
 ) -> Result<Tensor<B, 2>, Triple<B>> {
-    let prim = |t: &Tensor<B, 2>| {
-        cast::<_, Tensor<Flex, 2>>(t.clone()).map(|t| t.into_primitive().tensor())
-    };
+    let prim = |t: &Tensor<B, 2>| into_float::<Flex, B, 2>(t.clone());
     let (Some(xp), Some(ap), Some(bp)) = (prim(x), prim(&a), prim(&b)) else {
         return Err((y, a, b));
     };
     let Some((t, _, bm)) = first_product(&xp, &ap, &bp) else {
         return Err((y, a, b));
     };
-    let yp = try_cast::<_, Tensor<Flex, 2>>(y)
-        .unwrap_or_else(|_| unreachable!("B is Flex"))
-        .into_primitive()
-        .tensor();
+    let yp = into_float::<Flex, B, 2>(y).expect("B is Flex");
     let out = add_into(yp, &t, bm, scale);
-    Ok(
-        try_cast(Tensor::<Flex, 2>::from_primitive(TensorPrimitive::Float(
-            out,
-        )))
-        .unwrap_or_else(|_| unreachable!("B is Flex")),
-    )
+    Ok(from_float::<Flex, B, 2>(out).expect("B is Flex"))
 }
 
 fn on_autodiff<B: Backend, C: CheckpointStrategy>(
@@ -179,9 +170,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
     prob: f64,
 ) -> Result<Tensor<B, 2>, Triple<B>> {
     type Ad<C> = Autodiff<Flex, C>;
-    let prim = |t: &Tensor<B, 2>| {
-        cast::<_, Tensor<Ad<C>, 2>>(t.clone()).map(|t| t.into_primitive().tensor())
-    };
+    let prim = |t: &Tensor<B, 2>| into_float::<Ad<C>, B, 2>(t.clone());
     let (Some(xa), Some(aa), Some(ba)) = (prim(x), prim(&a), prim(&b)) else {
         return Err((y, a, b));
     };
@@ -205,10 +194,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
         return Err((y, a, b));
     };
     drop(dropped);
-    let ya = try_cast::<_, Tensor<Ad<C>, 2>>(y)
-        .unwrap_or_else(|_| unreachable!("B is Autodiff<Flex, C>"))
-        .into_primitive()
-        .tensor();
+    let ya = into_float::<Ad<C>, B, 2>(y).expect("B is Autodiff<Flex, C>");
     let y_node = ya.node.clone();
     let out = add_into(ya.primitive, &t, bm, scale);
     let (x_tracked, a_tracked, b_tracked) = (xa.is_tracked(), aa.is_tracked(), ba.is_tracked());
@@ -228,12 +214,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
         OpsKind::Tracked(prep) => prep.finish(state, out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
-    Ok(
-        try_cast(Tensor::<Ad<C>, 2>::from_primitive(TensorPrimitive::Float(
-            out,
-        )))
-        .unwrap_or_else(|_| unreachable!("B is Autodiff<Flex, C>")),
-    )
+    Ok(from_float::<Ad<C>, B, 2>(out).expect("B is Autodiff<Flex, C>"))
 }
 
 /// What the backward pass reads, each only when a tracked input's gradient needs it:

@@ -30,11 +30,13 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
+use burn::tensor::{DType, TensorMetadata};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{FlexKind, Product, cast, dot, flex_kind, gemm, simd, softmax_in_place};
+use super::{
+    FlexKind, Product, cast, dot, flex_kind, from_float, gemm, into_float, simd, softmax_in_place,
+};
 
 /// The fused attention where `B` is `Flex` or `Autodiff<Flex>` (with or without
 /// checkpointing) and the tensors are f32; `None` otherwise.
@@ -60,9 +62,7 @@ pub(crate) fn try_attention<B: Backend>(
             );
             let inputs = Inputs::new(&q, &k, &v, mask.as_ref())?;
             let (out, _) = inputs.forward(scale as f32, false);
-            cast(Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(
-                out,
-            )))
+            from_float::<Flex, B, 4>(out)
         }
         FlexKind::Autodiff => on_autodiff::<B, NoCheckpointing>(q, k, v, mask, scale),
         FlexKind::Balanced => on_autodiff::<B, BalancedCheckpointing>(q, k, v, mask, scale),
@@ -95,15 +95,9 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
 ) -> Option<Tensor<B, 4>> {
     type Ad<C> = Autodiff<Flex, C>;
     let (q, k, v) = (
-        cast::<_, Tensor<Ad<C>, 4>>(q.clone())?
-            .into_primitive()
-            .tensor(),
-        cast::<_, Tensor<Ad<C>, 4>>(k.clone())?
-            .into_primitive()
-            .tensor(),
-        cast::<_, Tensor<Ad<C>, 4>>(v.clone())?
-            .into_primitive()
-            .tensor(),
+        into_float::<Ad<C>, B, 4>(q.clone())?,
+        into_float::<Ad<C>, B, 4>(k.clone())?,
+        into_float::<Ad<C>, B, 4>(v.clone())?,
     );
     let mask = host_mask(mask, k.primitive.shape()[2])?.map(Arc::new);
     let inputs = Inputs::new(&q.primitive, &k.primitive, &v.primitive, mask.as_deref())?;
@@ -127,9 +121,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
         }
         OpsKind::UnTracked(prep) => prep.finish(inputs.forward(scale, false).0),
     };
-    cast(Tensor::<Ad<C>, 4>::from_primitive(TensorPrimitive::Float(
-        out,
-    )))
+    from_float::<Ad<C>, B, 4>(out)
 }
 
 /// What the backward pass needs: the inputs and the attention probabilities

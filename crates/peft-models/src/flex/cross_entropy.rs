@@ -21,7 +21,9 @@ use burn::tensor::{DType, TensorMetadata, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{FlexKind, contiguous, exp, flex_kind, max_of, simd, sum_of, try_cast};
+use super::{
+    FlexKind, contiguous, exp, flex_kind, from_float, into_float, max_of, simd, sum_of, try_cast,
+};
 
 /// The fused loss where `B` is `Flex` or `Autodiff<Flex>`, the logits are f32 and every
 /// target is a valid column; the logits back otherwise.
@@ -51,10 +53,7 @@ pub(crate) fn try_cross_entropy_sum<B: Backend>(
     };
     Ok(match kind {
         FlexKind::Plain => {
-            let z = try_cast::<_, Tensor<Flex, 2>>(z)
-                .unwrap_or_else(|_| unreachable!("B is Flex"))
-                .into_primitive()
-                .tensor();
+            let z = into_float::<Flex, B, 2>(z).expect("B is Flex");
             let (nll, _) = loss(z, &t, false);
             try_cast(scalar::<Flex>(nll)).unwrap_or_else(|_| unreachable!("B is Flex"))
         }
@@ -139,10 +138,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
     targets: &[usize],
 ) -> Tensor<B, 1> {
     type Ad<C> = Autodiff<Flex, C>;
-    let z = try_cast::<_, Tensor<Ad<C>, 2>>(z)
-        .unwrap_or_else(|_| unreachable!("B is Autodiff<Flex, C>"))
-        .into_primitive()
-        .tensor();
+    let z = into_float::<Ad<C>, B, 2>(z).expect("B is Autodiff<Flex, C>");
     let node = z.node.clone();
     let out = match CrossEntropyBackward
         .prepare::<C>([node])
@@ -159,10 +155,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
             prep.finish(scalar::<Flex>(nll).into_primitive().tensor())
         }
     };
-    try_cast(Tensor::<Ad<C>, 1>::from_primitive(TensorPrimitive::Float(
-        out,
-    )))
-    .unwrap_or_else(|_| unreachable!("B is Autodiff<Flex, C>"))
+    from_float::<Ad<C>, B, 1>(out).expect("B is Autodiff<Flex, C>")
 }
 
 #[derive(Debug)]

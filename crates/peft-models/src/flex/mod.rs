@@ -18,7 +18,7 @@ pub(crate) mod rope;
 pub(crate) mod swiglu;
 
 pub(crate) use peft_core::fused::flex::{
-    FlexKind, cast, contiguous_f32, flex_kind, simd, try_cast,
+    FlexKind, cast, contiguous_f32, flex_kind, from_float, into_float, simd, try_cast,
 };
 pub use peft_core::fused::flex::{Product, contiguous, gemm};
 

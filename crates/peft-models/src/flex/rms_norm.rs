@@ -15,11 +15,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::{TensorMetadata, TensorPrimitive};
+use burn::tensor::TensorMetadata;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{FlexKind, cast, contiguous_f32, dot, flex_kind};
+use super::{FlexKind, contiguous_f32, dot, flex_kind, from_float, into_float};
 
 /// Rows per rayon task (at least).
 const ROWS_PER_TASK: usize = 16;
@@ -36,14 +36,10 @@ pub(crate) fn try_rms_norm<B: Backend, const D: usize>(
     }
     match flex_kind::<B>()? {
         FlexKind::Plain => {
-            let xp = cast::<_, Tensor<Flex, D>>(x.clone())?
-                .into_primitive()
-                .tensor();
-            let wp = cast::<_, Tensor<Flex, 1>>(w.clone())?
-                .into_primitive()
-                .tensor();
+            let xp = into_float::<Flex, B, D>(x.clone())?;
+            let wp = into_float::<Flex, B, 1>(w.clone())?;
             let (y, _) = forward(&contiguous_f32(&xp)?, &contiguous_f32(&wp)?, eps as f32);
-            cast(Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(y)))
+            from_float::<Flex, B, D>(y)
         }
         FlexKind::Autodiff => on_autodiff::<B, NoCheckpointing, D>(x, w, eps),
         FlexKind::Balanced => on_autodiff::<B, BalancedCheckpointing, D>(x, w, eps),
@@ -81,12 +77,8 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy, const D: usize>(
     eps: f64,
 ) -> Option<Tensor<B, D>> {
     type Ad<C> = Autodiff<Flex, C>;
-    let xa = cast::<_, Tensor<Ad<C>, D>>(x.clone())?
-        .into_primitive()
-        .tensor();
-    let wa = cast::<_, Tensor<Ad<C>, 1>>(w.clone())?
-        .into_primitive()
-        .tensor();
+    let xa = into_float::<Ad<C>, B, D>(x.clone())?;
+    let wa = into_float::<Ad<C>, B, 1>(w.clone())?;
     let (xh, wh) = (
         contiguous_f32(&xa.primitive)?,
         contiguous_f32(&wa.primitive)?,
@@ -100,9 +92,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy, const D: usize>(
         OpsKind::Tracked(prep) => prep.finish(RmsNormState { x: xh, w: wh, r }, y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
-    cast(Tensor::<Ad<C>, D>::from_primitive(TensorPrimitive::Float(
-        out,
-    )))
+    from_float::<Ad<C>, B, D>(out)
 }
 
 /// `x` and `w` (contiguous) and the row factors.

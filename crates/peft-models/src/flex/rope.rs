@@ -16,11 +16,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::{TensorMetadata, TensorPrimitive};
+use burn::tensor::TensorMetadata;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{FlexKind, cast, contiguous_f32, flex_kind};
+use super::{FlexKind, contiguous_f32, flex_kind, from_float, into_float};
 
 /// Heads per rayon task (at least).
 const HEADS_PER_TASK: usize = 64;
@@ -38,15 +38,11 @@ pub(crate) fn try_rope<B: Backend>(
     }
     match flex_kind::<B>()? {
         FlexKind::Plain => {
-            let p = |t: &Tensor<B, 3>| {
-                cast::<_, Tensor<Flex, 3>>(t.clone()).map(|t| t.into_primitive().tensor())
-            };
+            let p = |t: &Tensor<B, 3>| into_float::<Flex, B, 3>(t.clone());
             let (c, sn) = (contiguous_f32(&p(cos)?)?, contiguous_f32(&p(sin)?)?);
-            let xp = cast::<_, Tensor<Flex, 4>>(x.clone())?
-                .into_primitive()
-                .tensor();
+            let xp = into_float::<Flex, B, 4>(x.clone())?;
             let y = rotate(&contiguous_f32(&xp)?, &c, &sn, false);
-            cast(Tensor::<Flex, 4>::from_primitive(TensorPrimitive::Float(y)))
+            from_float::<Flex, B, 4>(y)
         }
         FlexKind::Autodiff => on_autodiff::<B, NoCheckpointing>(x, cos, sin),
         FlexKind::Balanced => on_autodiff::<B, BalancedCheckpointing>(x, cos, sin),
@@ -100,13 +96,9 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
 ) -> Option<Tensor<B, 4>> {
     type Ad<C> = Autodiff<Flex, C>;
     // The tables are constants: their values, without their graph nodes.
-    let p = |t: &Tensor<B, 3>| {
-        cast::<_, Tensor<Ad<C>, 3>>(t.clone()).map(|t| t.into_primitive().tensor().primitive)
-    };
+    let p = |t: &Tensor<B, 3>| into_float::<Ad<C>, B, 3>(t.clone()).map(|t| t.primitive);
     let (cos, sin) = (contiguous_f32(&p(cos)?)?, contiguous_f32(&p(sin)?)?);
-    let xa = cast::<_, Tensor<Ad<C>, 4>>(x.clone())?
-        .into_primitive()
-        .tensor();
+    let xa = into_float::<Ad<C>, B, 4>(x.clone())?;
     let y = rotate(&contiguous_f32(&xa.primitive)?, &cos, &sin, false);
     let out = match RopeBackward
         .prepare::<C>([xa.node.clone()])
@@ -116,9 +108,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy>(
         OpsKind::Tracked(prep) => prep.finish((cos, sin), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
-    cast(Tensor::<Ad<C>, 4>::from_primitive(TensorPrimitive::Float(
-        out,
-    )))
+    from_float::<Ad<C>, B, 4>(out)
 }
 
 #[derive(Debug)]

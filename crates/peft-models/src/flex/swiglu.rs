@@ -14,11 +14,11 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::{Autodiff, Flex};
 use burn::prelude::*;
-use burn::tensor::{TensorMetadata, TensorPrimitive};
+use burn::tensor::TensorMetadata;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-use super::{FlexKind, cast, contiguous_f32, exp, flex_kind, simd};
+use super::{FlexKind, contiguous_f32, exp, flex_kind, from_float, into_float, simd};
 
 /// Values per rayon task.
 const CHUNK: usize = 1 << 14;
@@ -38,14 +38,10 @@ pub(crate) fn try_swiglu<B: Backend, const D: usize>(
     }
     match flex_kind::<B>()? {
         FlexKind::Plain => {
-            let g = cast::<_, Tensor<Flex, D>>(gate.clone())?
-                .into_primitive()
-                .tensor();
-            let u = cast::<_, Tensor<Flex, D>>(up.clone())?
-                .into_primitive()
-                .tensor();
+            let g = into_float::<Flex, B, D>(gate.clone())?;
+            let u = into_float::<Flex, B, D>(up.clone())?;
             let y = forward(&contiguous_f32(&g)?, &contiguous_f32(&u)?);
-            cast(Tensor::<Flex, D>::from_primitive(TensorPrimitive::Float(y)))
+            from_float::<Flex, B, D>(y)
         }
         FlexKind::Autodiff => on_autodiff::<B, NoCheckpointing, D>(gate, up),
         FlexKind::Balanced => on_autodiff::<B, BalancedCheckpointing, D>(gate, up),
@@ -83,12 +79,8 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy, const D: usize>(
     up: &Tensor<B, D>,
 ) -> Option<Tensor<B, D>> {
     type Ad<C> = Autodiff<Flex, C>;
-    let g = cast::<_, Tensor<Ad<C>, D>>(gate.clone())?
-        .into_primitive()
-        .tensor();
-    let u = cast::<_, Tensor<Ad<C>, D>>(up.clone())?
-        .into_primitive()
-        .tensor();
+    let g = into_float::<Ad<C>, B, D>(gate.clone())?;
+    let u = into_float::<Ad<C>, B, D>(up.clone())?;
     let (gh, uh) = (contiguous_f32(&g.primitive)?, contiguous_f32(&u.primitive)?);
     let y = forward(&gh, &uh);
     let out = match SwigluBackward
@@ -99,9 +91,7 @@ fn on_autodiff<B: Backend, C: CheckpointStrategy, const D: usize>(
         OpsKind::Tracked(prep) => prep.finish((gh, uh), y),
         OpsKind::UnTracked(prep) => prep.finish(y),
     };
-    cast(Tensor::<Ad<C>, D>::from_primitive(TensorPrimitive::Float(
-        out,
-    )))
+    from_float::<Ad<C>, B, D>(out)
 }
 
 #[derive(Debug)]
