@@ -29,71 +29,83 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{ElementConversion, Shape, TensorMetadata, TensorPrimitive};
 
+/// Number of code values at the start of [`Q4Weight::values`].
+pub const TABLE_LEN: usize = 16;
+
+/// Number of values of the 8-bit map that follows the code table in [`Q4Weight::values`]
+/// with double quantization.
+pub const MAP_LEN: usize = 256;
+
 /// A 4-bit weight as backend primitives: what the products need, nothing else.
+///
+/// Two tensors hold it, one of integers and one of floats, so that a layer keeps two
+/// tensor records (and each product's graph node two handles) where a dense layer keeps
+/// one; five separate tensors cost a 4-bit layer more memory in bookkeeping than the
+/// tables themselves (docs/benchmarks.md).
 #[derive(Clone, Debug)]
 pub struct Q4Weight<B: Backend> {
-    /// The codes, 8 per I32 word, code `j` of a word at bits `4j..4j+4`, in row-major
-    /// order of the `[out, in]` weight, padded with zeros to whole blocks.
-    pub words: IntTensor<B>,
-    /// The 16 code values, f32.
-    pub table: FloatTensor<B>,
-    /// The per-block absmax, plain or double-quantized.
-    pub stats: Q4Stats<B>,
+    /// The 4-bit codes, 8 per I32 word, code `j` of a word at bits `4j..4j+4`, in row-major
+    /// order of the `[out, in]` weight, padded with zeros to whole blocks
+    /// ([`Self::code_words`] words). With double quantization the 8-bit absmax codes
+    /// follow: 4 per I32 word (code `j` at bits `8j..8j+8`), padded with zeros to whole
+    /// groups of 256 blocks.
+    pub codes: IntTensor<B>,
+    /// f32: the 16 code values; then, without double quantization, one absmax per block;
+    /// with it, the 256 values of the 8-bit map followed by one nested absmax per 256
+    /// blocks.
+    pub values: FloatTensor<B>,
     /// `[out, in]`.
     pub shape: [usize; 2],
     /// Values per block.
     pub blocksize: usize,
-}
-
-/// The per-block scales of a [`Q4Weight`].
-#[derive(Clone, Debug)]
-pub enum Q4Stats<B: Backend> {
-    /// One f32 absmax per block.
-    Absmax(FloatTensor<B>),
-    /// Double quantization: block `b`'s absmax is
-    /// `map[code[b]] * nested_absmax[b / 256] + offset`.
-    Double {
-        /// The 8-bit codes, 4 per I32 word (code `j` at bits `8j..8j+8`), padded with zeros
-        /// to whole groups of 256.
-        codes: IntTensor<B>,
-        /// One f32 per 256 blocks.
-        nested_absmax: FloatTensor<B>,
-        /// The 256 values of the 8-bit map.
-        map: FloatTensor<B>,
-        /// The mean absmax subtracted before the 8-bit quantization.
-        offset: f32,
-    },
-}
-
-impl<B: Backend> Q4Stats<B> {
-    /// The absmax of each of `blocks` blocks, from burn tensor operations.
-    pub fn resolve(&self, blocks: usize) -> Tensor<B, 1> {
-        let float =
-            |t: &FloatTensor<B>| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t.clone()));
-        match self {
-            Self::Absmax(a) => float(a),
-            Self::Double {
-                codes,
-                nested_absmax,
-                map,
-                offset,
-            } => {
-                let codes = unpack_words(Tensor::<B, 1, Int>::from_primitive(codes.clone()), 8);
-                let padded = codes.dims()[0];
-                let groups = padded / crate::quant::NESTED_BLOCKSIZE;
-                let v = float(map)
-                    .select(0, codes)
-                    .reshape([groups, crate::quant::NESTED_BLOCKSIZE])
-                    * float(nested_absmax).reshape([groups, 1]);
-                v.reshape([padded]).slice(0..blocks).add_scalar(*offset)
-            }
-        }
-    }
+    /// With double quantization, the mean absmax subtracted before the 8-bit quantization:
+    /// block `b`'s absmax is `map[code[b]] * nested_absmax[b / 256] + offset`. `None`
+    /// without it.
+    pub double_quant: Option<f32>,
 }
 
 impl<B: Backend> Q4Weight<B> {
-    fn blocks(&self) -> usize {
+    /// Number of blocks.
+    pub fn blocks(&self) -> usize {
         (self.shape[0] * self.shape[1]).div_ceil(self.blocksize)
+    }
+
+    /// Number of I32 words of 4-bit codes at the start of [`Self::codes`].
+    pub fn code_words(&self) -> usize {
+        self.blocks() * self.blocksize / 8
+    }
+
+    /// The 16 code values, from burn tensor operations.
+    pub fn table(&self) -> Tensor<B, 1> {
+        self.values_tensor().slice(0..TABLE_LEN)
+    }
+
+    fn values_tensor(&self) -> Tensor<B, 1> {
+        Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(self.values.clone()))
+    }
+
+    /// The absmax of each block, from burn tensor operations.
+    pub fn absmax(&self) -> Tensor<B, 1> {
+        let blocks = self.blocks();
+        let values = self.values_tensor();
+        match self.double_quant {
+            None => values.slice(TABLE_LEN..TABLE_LEN + blocks),
+            Some(offset) => {
+                let groups = blocks.div_ceil(crate::quant::NESTED_BLOCKSIZE);
+                let padded = groups * crate::quant::NESTED_BLOCKSIZE;
+                let words = self.code_words();
+                let codes = Tensor::<B, 1, Int>::from_primitive(self.codes.clone())
+                    .slice(words..words + padded / 4);
+                let codes = unpack_words(codes, 8);
+                let map = values.clone().slice(TABLE_LEN..TABLE_LEN + MAP_LEN);
+                let nested = values.slice(TABLE_LEN + MAP_LEN..TABLE_LEN + MAP_LEN + groups);
+                let v = map
+                    .select(0, codes)
+                    .reshape([groups, crate::quant::NESTED_BLOCKSIZE])
+                    * nested.reshape([groups, 1]);
+                v.reshape([padded]).slice(0..blocks).add_scalar(offset)
+            }
+        }
     }
 }
 
@@ -139,11 +151,10 @@ pub fn portable_dequantize<B: Backend>(w: &Q4Weight<B>) -> Tensor<B, 2> {
     let [out, inp] = w.shape;
     let bs = w.blocksize;
     let blocks = w.blocks();
-    let words = Tensor::<B, 1, Int>::from_primitive(w.words.clone());
-    let table = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(w.table.clone()));
-    let absmax = w.stats.resolve(blocks);
-    let codes = unpack_words(words, 4).slice(0..blocks * bs);
-    let values = table.select(0, codes).reshape([blocks, bs]) * absmax.reshape([blocks, 1]);
+    let words = Tensor::<B, 1, Int>::from_primitive(w.codes.clone()).slice(0..w.code_words());
+    let absmax = w.absmax();
+    let codes = unpack_words(words, 4);
+    let values = w.table().select(0, codes).reshape([blocks, bs]) * absmax.reshape([blocks, 1]);
     values
         .reshape([blocks * bs])
         .slice(0..out * inp)
@@ -199,24 +210,11 @@ impl<B: QuantBackend> Backward<B, 1> for Q4LinearBackward {
 
 fn inner_weight<B: Backend, C: CheckpointStrategy>(w: &Q4Weight<Autodiff<B, C>>) -> Q4Weight<B> {
     Q4Weight {
-        words: w.words.clone(),
-        table: w.table.primitive.clone(),
-        stats: match &w.stats {
-            Q4Stats::Absmax(a) => Q4Stats::Absmax(a.primitive.clone()),
-            Q4Stats::Double {
-                codes,
-                nested_absmax,
-                map,
-                offset,
-            } => Q4Stats::Double {
-                codes: codes.clone(),
-                nested_absmax: nested_absmax.primitive.clone(),
-                map: map.primitive.clone(),
-                offset: *offset,
-            },
-        },
+        codes: w.codes.clone(),
+        values: w.values.primitive.clone(),
         shape: w.shape,
         blocksize: w.blocksize,
+        double_quant: w.double_quant,
     }
 }
 

@@ -25,7 +25,7 @@ use peft_models::flex::{Product, contiguous, gemm};
 use rayon::prelude::*;
 
 use crate::backend::{
-    Q4Stats, Q4Weight, QuantBackend, portable_dequantize, portable_linear,
+    MAP_LEN, Q4Weight, QuantBackend, TABLE_LEN, portable_dequantize, portable_linear,
     portable_linear_transposed,
 };
 
@@ -52,22 +52,11 @@ fn parallel(m: usize, n: usize, k: usize) -> bool {
     m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD
 }
 
-/// The tensors of a [`Q4Weight`] of `Flex`, contiguous (clones of the same storage when
-/// they already are).
+/// The two tensors of a [`Q4Weight`] of `Flex`, contiguous (clones of the same storage
+/// when they already are).
 struct Parts {
-    words: FlexTensor,
-    table: [f32; 16],
-    stats: PartsStats,
-}
-
-enum PartsStats {
-    Absmax(FlexTensor),
-    Double {
-        codes: FlexTensor,
-        nested: FlexTensor,
-        map: Box<[f32; 256]>,
-        offset: f32,
-    },
+    codes: FlexTensor,
+    values: FlexTensor,
 }
 
 /// The per-block absmax, read on the host.
@@ -110,68 +99,45 @@ struct HostWeight<'a> {
     bs: usize,
 }
 
-fn host_array<const N: usize>(t: &FlexTensor) -> Option<[f32; N]> {
-    if t.dtype() != DType::F32 {
-        return None;
-    }
-    contiguous(t).storage::<f32>().get(..N)?.try_into().ok()
-}
-
 impl Parts {
     /// `None` where the kernels do not apply (other dtypes, a block size that is not a
-    /// multiple of 16, tables of other sizes).
+    /// multiple of 16).
     fn new(w: &Q4Weight<Flex>) -> Option<Self> {
-        let int = |t: &FlexTensor| (t.dtype() == DType::I32).then(|| contiguous(t));
-        let float = |t: &FlexTensor| (t.dtype() == DType::F32).then(|| contiguous(t));
-        if w.blocksize % 16 != 0 {
+        if w.blocksize % 16 != 0 || w.codes.dtype() != DType::I32 || w.values.dtype() != DType::F32
+        {
             return None;
         }
-        let stats = match &w.stats {
-            Q4Stats::Absmax(a) => PartsStats::Absmax(float(a)?),
-            Q4Stats::Double {
-                codes,
-                nested_absmax,
-                map,
-                offset,
-            } => PartsStats::Double {
-                codes: int(codes)?,
-                nested: float(nested_absmax)?,
-                map: Box::new(host_array::<256>(map)?),
-                offset: *offset,
-            },
-        };
         Some(Self {
-            words: int(&w.words)?,
-            table: host_array::<16>(&w.table)?,
-            stats,
+            codes: contiguous(&w.codes),
+            values: contiguous(&w.values),
         })
     }
 
+    /// `None` when a tensor is shorter than the layout of `w` says.
     fn view(&self, w: &Q4Weight<Flex>) -> Option<HostWeight<'_>> {
-        let blocks = (w.shape[0] * w.shape[1]).div_ceil(w.blocksize);
-        let words = self
-            .words
-            .storage::<i32>()
-            .get(..blocks * w.blocksize / 8)?;
-        let absmax = match &self.stats {
-            PartsStats::Absmax(a) => HostAbsmax::Plain(a.storage::<f32>().get(..blocks)?),
-            PartsStats::Double {
-                codes,
-                nested,
-                map,
+        let blocks = w.blocks();
+        let codes = self.codes.storage::<i32>();
+        let values = self.values.storage::<f32>();
+        let words = w.code_words();
+        let table: [f32; TABLE_LEN] = values.get(..TABLE_LEN)?.try_into().ok()?;
+        let absmax = match w.double_quant {
+            None => HostAbsmax::Plain(values.get(TABLE_LEN..TABLE_LEN + blocks)?),
+            Some(offset) => HostAbsmax::Double {
+                codes: codes.get(words..words + blocks.div_ceil(4))?,
+                map: values
+                    .get(TABLE_LEN..TABLE_LEN + MAP_LEN)?
+                    .try_into()
+                    .ok()?,
+                nested: values.get(
+                    TABLE_LEN + MAP_LEN
+                        ..TABLE_LEN + MAP_LEN + blocks.div_ceil(crate::quant::NESTED_BLOCKSIZE),
+                )?,
                 offset,
-            } => HostAbsmax::Double {
-                codes: codes.storage::<i32>().get(..blocks.div_ceil(4))?,
-                nested: nested
-                    .storage::<f32>()
-                    .get(..blocks.div_ceil(crate::quant::NESTED_BLOCKSIZE))?,
-                map,
-                offset: *offset,
             },
         };
         Some(HostWeight {
-            words,
-            table: self.table,
+            words: codes.get(..words)?,
+            table,
             absmax,
             out: w.shape[0],
             inp: w.shape[1],

@@ -229,14 +229,14 @@ struct Parts<R: CubeRuntime> {
 }
 
 fn parts<R: CubeRuntime, BT: BoolElement>(w: &Q4Weight<Cube<R, BT>>) -> Option<Parts<R>> {
-    let blocks = (w.shape[0] * w.shape[1]).div_ceil(w.blocksize);
-    let scales = w.stats.resolve(blocks).into_primitive().tensor();
-    let ok =
-        w.words.dtype == DType::I32 && w.table.dtype == DType::F32 && scales.dtype == DType::F32;
-    ok.then(|| Parts {
-        words: into_contiguous(w.words.clone()),
-        table: into_contiguous(w.table.clone()),
-        scales: into_contiguous(scales),
+    if w.codes.dtype != DType::I32 || w.values.dtype != DType::F32 {
+        return None;
+    }
+    // The kernels index the 4-bit words from 0; the 8-bit codes after them go unread.
+    Some(Parts {
+        words: into_contiguous(w.codes.clone()),
+        table: into_contiguous(w.table().into_primitive().tensor()),
+        scales: into_contiguous(w.absmax().into_primitive().tensor()),
     })
 }
 

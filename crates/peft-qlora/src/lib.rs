@@ -52,7 +52,7 @@ pub mod linear;
 pub mod model;
 pub mod quant;
 
-pub use backend::{Q4Stats, Q4Weight, QuantBackend};
+pub use backend::{Q4Weight, QuantBackend};
 pub use bnb::{BnbCheckpoint, is_bnb_checkpoint};
 pub use error::{QloraError, Result};
 pub use linear::{Linear4bit, current_quant_config, with_quant_config};

@@ -3,13 +3,15 @@
 //! Device layout (every tensor a burn constant, never a parameter, so no optimizer state
 //! and no gradient):
 //!
-//! | tensor | dtype | contents |
+//! | tensor | dtype | contents, in order |
 //! |---|---|---|
-//! | `words` | `Int` (I32) | the 4-bit codes, 8 per 32-bit word, code `j` at bits `4j..4j+4` |
-//! | `table` | f32 `[16]` | the code values (`weight.quant_map`) |
-//! | `absmax` | f32 `[blocks]` | without double quantization |
-//! | `qabsmax` | `Int` (I32) | with double quantization: 8-bit absmax codes, 4 per word |
-//! | `nested_absmax`, `nested_map` | f32 | the nested statistics and the dynamic map |
+//! | `codes` | `Int` (I32) | the 4-bit codes, 8 per 32-bit word, code `j` at bits `4j..4j+4`, padded to whole blocks; with double quantization the 8-bit absmax codes, 4 per word, padded to whole groups of 256 blocks |
+//! | `values` | f32 | the 16 code values (`weight.quant_map`); without double quantization one absmax per block; with it the 256 values of the dynamic map (`weight.nested_quant_map`) and one nested absmax per 256 blocks |
+//!
+//! Two tensors, not one per statistic: each tensor costs a few hundred bytes of records
+//! (its storage handle, shape and strides, and under autodiff a graph node) in the layer and
+//! again in every product's graph node, and with five of them per layer that bookkeeping
+//! ate 0.3 MB of the 370 MB a 4-bit SmolLM2-135M saves (docs/benchmarks.md).
 //!
 //! I32 words are what every backend here stores natively (WGSL has no 8-bit integers), and
 //! they keep the codes at 4 bits per value: 0.5 bytes per parameter, plus 1/64 byte for the
@@ -30,7 +32,7 @@ use burn::tensor::{DType, TensorCreationOptions, TensorData, TensorPrimitive};
 use peft_core::PeftError;
 use peft_core::inject::LinearWeight;
 
-use crate::backend::{Q4Stats, Q4Weight, QuantBackend};
+use crate::backend::{MAP_LEN, Q4Weight, QuantBackend, TABLE_LEN};
 use crate::codes::dynamic_map;
 use crate::error::{QloraError, Result};
 use crate::quant::{DoubleQuant, NESTED_BLOCKSIZE, Packed4bit, QuantConfig, QuantizedWeight};
@@ -96,18 +98,13 @@ pub struct Linear4bitMeta {
 /// A frozen linear layer with a blockwise 4-bit weight (NF4 or FP4), bitsandbytes-compatible.
 #[derive(Module, Debug)]
 pub struct Linear4bit<B: Backend> {
-    /// The 4-bit codes, 8 per I32 word.
-    pub words: Tensor<B, 1, Int>,
-    /// The 16 code values.
-    pub table: Tensor<B, 1>,
-    /// Per-block absmax (without double quantization).
-    pub absmax: Option<Tensor<B, 1>>,
-    /// Per-block 8-bit absmax codes, 4 per I32 word (with double quantization).
-    pub qabsmax: Option<Tensor<B, 1, Int>>,
-    /// The absmax of every 256 absmax codes (with double quantization).
-    pub nested_absmax: Option<Tensor<B, 1>>,
-    /// The 256 values of the 8-bit map (with double quantization).
-    pub nested_map: Option<Tensor<B, 1>>,
+    /// The 4-bit codes, 8 per I32 word, then (with double quantization) the 8-bit absmax
+    /// codes, 4 per word: the layout of [`Q4Weight::codes`].
+    pub codes: Tensor<B, 1, Int>,
+    /// The 16 code values, then the per-block absmax or (with double quantization) the 256
+    /// values of the 8-bit map and one nested absmax per 256 blocks: the layout of
+    /// [`Q4Weight::values`].
+    pub values: Tensor<B, 1>,
     /// The bias, a (frozen unless a policy trains it) parameter.
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// Shape and settings.
@@ -193,34 +190,28 @@ impl<B: Backend> Linear4bit<B> {
         let blocks = c.numel.div_ceil(c.blocksize);
         let mut codes = crate::quant::unpack_nibbles(&c.packed, c.numel);
         codes.resize(blocks * c.blocksize, 0);
-        let words = ints(pack_words(&codes, 4), device);
-        let (absmax, qabsmax, nested_absmax, nested, offset) = match &q.double {
+        let four = pack_words(&codes, 4);
+        // (8-bit codes, statistics after the table, offset)
+        let (eight, stats, offset) = match &q.double {
             Some(d) => {
                 let mut qa = d.codes.clone();
                 qa.resize(blocks.div_ceil(NESTED_BLOCKSIZE) * NESTED_BLOCKSIZE, 0);
-                (
-                    None,
-                    Some(ints(pack_words(&qa, 8), device)),
-                    Some(floats(d.nested_absmax.clone(), device)),
-                    Some(floats(nested_map.to_vec(), device)),
-                    d.offset,
-                )
+                let stats = [nested_map, &d.nested_absmax[..]].concat();
+                (pack_words(&qa, 8), stats, d.offset)
             }
-            None => (
-                Some(floats(c.absmax.clone(), device)),
-                None,
-                None,
-                None,
-                0.0,
-            ),
+            None => (vec![], c.absmax.clone(), 0.0),
         };
+        // Exact capacities: the tensors take the vectors' allocations as they are, so a
+        // vector grown by appending would keep up to twice the codes' bytes.
+        let mut words = Vec::with_capacity(four.len() + eight.len());
+        words.extend_from_slice(&four);
+        words.extend_from_slice(&eight);
+        let mut values = Vec::with_capacity(table.len() + stats.len());
+        values.extend_from_slice(table);
+        values.extend_from_slice(&stats);
         Self {
-            words,
-            table: floats(table.to_vec(), device),
-            absmax,
-            qabsmax,
-            nested_absmax,
-            nested_map: nested,
+            codes: ints(words, device),
+            values: floats(values, device),
             bias: bias.map(Param::from_tensor),
             meta: Linear4bitMeta {
                 shape: q.shape,
@@ -251,7 +242,10 @@ impl<B: Backend> Linear4bit<B> {
         let numel = m.shape[0] * m.shape[1];
         let bs = m.config.blocksize;
         let blocks = numel.div_ceil(bs);
-        let mut codes = unpack_words_host(&host_i32(&self.words), 4);
+        let all_codes = host_i32(&self.codes);
+        let values = host_f32(&self.values);
+        let words = blocks * bs / 8;
+        let mut codes = unpack_words_host(&all_codes[..words.min(all_codes.len())], 4);
         codes.truncate(numel);
         let qt = m.config.quant_type;
         if codes.len() % 2 == 1 {
@@ -262,22 +256,26 @@ impl<B: Backend> Linear4bit<B> {
             codes.push(zero);
         }
         let packed = codes.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
-        let double = self.qabsmax.as_ref().map(|qa| {
-            let mut c = unpack_words_host(&host_i32(qa), 8);
+        let groups = blocks.div_ceil(NESTED_BLOCKSIZE);
+        let tail = |from: usize, len: usize| {
+            values
+                .get(from..from + len)
+                .map(<[f32]>::to_vec)
+                .unwrap_or_default()
+        };
+        let double = m.config.double_quant.then(|| {
+            let mut c = unpack_words_host(all_codes.get(words..).unwrap_or_default(), 8);
             c.truncate(blocks);
             DoubleQuant {
                 codes: c,
-                nested_absmax: self
-                    .nested_absmax
-                    .as_ref()
-                    .map(host_f32)
-                    .unwrap_or_default(),
+                nested_absmax: tail(TABLE_LEN + MAP_LEN, groups),
                 offset: m.offset,
             }
         });
-        let absmax = match (&self.absmax, &double) {
-            (Some(a), _) => host_f32(a),
-            _ => vec![],
+        let absmax = if double.is_some() {
+            vec![]
+        } else {
+            tail(TABLE_LEN, blocks)
         };
         QuantizedWeight {
             codes: Packed4bit {
@@ -294,51 +292,30 @@ impl<B: Backend> Linear4bit<B> {
 
     /// The code table on the device, read back (`weight.quant_map`).
     pub fn quant_map(&self) -> Vec<f32> {
-        host_f32(&self.table)
+        host_f32(&self.values.clone().slice(0..TABLE_LEN))
     }
 
     /// The nested map read back (`weight.nested_quant_map`), with double quantization.
     pub fn nested_quant_map(&self) -> Option<Vec<f32>> {
-        self.nested_map.as_ref().map(host_f32)
+        self.meta
+            .config
+            .double_quant
+            .then(|| host_f32(&self.values.clone().slice(TABLE_LEN..TABLE_LEN + MAP_LEN)))
     }
 
     /// The per-block absmax as the dequantization uses it, on the device.
     pub fn block_absmax(&self) -> Tensor<B, 1> {
-        self.stats().resolve(self.blocks())
+        self.q4_weight().absmax()
     }
 
-    fn stats(&self) -> Q4Stats<B> {
-        let float = |t: &Tensor<B, 1>| t.clone().into_primitive().tensor();
-        match (
-            &self.absmax,
-            &self.qabsmax,
-            &self.nested_absmax,
-            &self.nested_map,
-        ) {
-            (Some(a), ..) => Q4Stats::Absmax(float(a)),
-            (None, Some(qa), Some(na), Some(map)) => Q4Stats::Double {
-                codes: qa.clone().into_primitive(),
-                nested_absmax: float(na),
-                map: float(map),
-                offset: self.meta.offset,
-            },
-            // Unreachable by construction: one of the two forms is always present.
-            _ => Q4Stats::Absmax(float(&Tensor::zeros([self.blocks()], &self.words.device()))),
-        }
-    }
-
-    fn blocks(&self) -> usize {
-        (self.meta.shape[0] * self.meta.shape[1]).div_ceil(self.meta.config.blocksize)
-    }
-
-    /// The codes, table and per-block absmax as [`QuantBackend`] takes them.
+    /// The codes, tables and block statistics as [`QuantBackend`] takes them.
     pub fn q4_weight(&self) -> Q4Weight<B> {
         Q4Weight {
-            words: self.words.clone().into_primitive(),
-            table: self.table.clone().into_primitive().tensor(),
-            stats: self.stats(),
+            codes: self.codes.clone().into_primitive(),
+            values: self.values.clone().into_primitive().tensor(),
             shape: self.meta.shape,
             blocksize: self.meta.config.blocksize,
+            double_quant: self.meta.config.double_quant.then_some(self.meta.offset),
         }
     }
 
@@ -350,12 +327,7 @@ impl<B: Backend> Linear4bit<B> {
         ) -> usize {
             t.shape().num_elements() * t.dtype().size()
         }
-        size(&self.words)
-            + size(&self.table)
-            + self.absmax.as_ref().map_or(0, size)
-            + self.qabsmax.as_ref().map_or(0, size)
-            + self.nested_absmax.as_ref().map_or(0, size)
-            + self.nested_map.as_ref().map_or(0, size)
+        size(&self.codes) + size(&self.values)
     }
 
     /// Number of weight parameters (`out * in`).

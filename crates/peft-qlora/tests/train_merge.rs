@@ -65,7 +65,7 @@ fn base_codes(m: &QloraLlama<A>) -> Vec<Vec<i32>> {
         .flat_map(|l| {
             [&l.self_attn.q_proj, &l.mlp.down_proj].map(|x| {
                 x.base
-                    .words
+                    .codes
                     .to_data()
                     .convert::<i32>()
                     .to_vec::<i32>()
