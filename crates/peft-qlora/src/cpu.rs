@@ -36,7 +36,13 @@ pub const FUSED_ROWS: usize = 4;
 const OUTPUTS_PER_TASK: usize = 32;
 
 /// Size of the decoded tile of the weight in the tiled product.
-pub const TILE_BYTES: usize = 2 << 20;
+///
+/// The tile lives for one product, and the allocations made while it lives (the next
+/// activations) fill its hole only in part, so larger tiles leave more freed but resident
+/// memory behind. A QLoRA step of SmolLM2-135M (flex, 2 cores) peaked at 956-967 MB of RSS
+/// with 2 MiB tiles and at 952-954 MB with 1 MiB, at the same speed and live heap
+/// (docs/benchmarks.md); with 256 KiB it was about 10% slower.
+pub const TILE_BYTES: usize = 1 << 20;
 
 /// A decode tile of `n` values for the duration of `f`: allocated per call, so that no
 /// memory stays behind between products.
