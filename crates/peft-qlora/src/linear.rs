@@ -179,6 +179,11 @@ impl<B: Backend> Linear4bit<B> {
 
     /// Puts a quantized weight on the device with the given code tables (as read from a
     /// checkpoint's `quant_map` and `nested_quant_map`).
+    ///
+    /// # Panics
+    /// If `table` does not hold 16 values, or (with double quantization) `nested_map` 256:
+    /// the layout of [`Q4Weight::values`] has room for exactly those. The bitsandbytes
+    /// loader checks both and reports a malformed file as an error.
     pub fn from_quantized_with_tables(
         q: &QuantizedWeight,
         table: &[f32],
@@ -186,6 +191,12 @@ impl<B: Backend> Linear4bit<B> {
         bias: Option<Tensor<B, 1>>,
         device: &B::Device,
     ) -> Self {
+        assert_eq!(table.len(), TABLE_LEN, "a 4-bit code table has 16 values");
+        assert!(
+            q.double.is_none() || nested_map.len() == MAP_LEN,
+            "the 8-bit map of double quantization has 256 values, not {}",
+            nested_map.len()
+        );
         let c = &q.codes;
         let blocks = c.numel.div_ceil(c.blocksize);
         let mut codes = crate::quant::unpack_nibbles(&c.packed, c.numel);
