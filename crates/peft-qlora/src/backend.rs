@@ -28,6 +28,7 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{ElementConversion, Shape, TensorMetadata, TensorPrimitive};
+use core::ops::Range;
 
 /// Number of code values at the start of [`Q4Weight::values`].
 pub const TABLE_LEN: usize = 16;
@@ -35,6 +36,9 @@ pub const TABLE_LEN: usize = 16;
 /// Number of values of the 8-bit map that follows the code table in [`Q4Weight::values`]
 /// with double quantization.
 pub const MAP_LEN: usize = 256;
+
+/// Where the 8-bit map lies in [`Q4Weight::values`] (double quantization).
+pub(crate) const MAP_VALUES: Range<usize> = TABLE_LEN..TABLE_LEN + MAP_LEN;
 
 /// A 4-bit weight as backend primitives: what the products need, nothing else.
 ///
@@ -75,6 +79,28 @@ impl<B: Backend> Q4Weight<B> {
         self.blocks() * self.blocksize / 8
     }
 
+    /// Number of groups of 256 blocks (one nested absmax each).
+    fn groups(&self) -> usize {
+        self.blocks().div_ceil(crate::quant::NESTED_BLOCKSIZE)
+    }
+
+    /// Where the 8-bit absmax codes lie in [`Self::codes`] (double quantization), padded
+    /// to whole groups.
+    pub(crate) fn scale_code_words(&self) -> Range<usize> {
+        let start = self.code_words();
+        start..start + self.groups() * crate::quant::NESTED_BLOCKSIZE / 4
+    }
+
+    /// Where the per-block absmax lies in [`Self::values`] (without double quantization).
+    pub(crate) fn absmax_values(&self) -> Range<usize> {
+        TABLE_LEN..TABLE_LEN + self.blocks()
+    }
+
+    /// Where the nested absmax lies in [`Self::values`] (double quantization).
+    pub(crate) fn nested_values(&self) -> Range<usize> {
+        MAP_VALUES.end..MAP_VALUES.end + self.groups()
+    }
+
     /// The 16 code values, from burn tensor operations.
     pub fn table(&self) -> Tensor<B, 1> {
         self.values_tensor().slice(0..TABLE_LEN)
@@ -89,16 +115,15 @@ impl<B: Backend> Q4Weight<B> {
         let blocks = self.blocks();
         let values = self.values_tensor();
         match self.double_quant {
-            None => values.slice(TABLE_LEN..TABLE_LEN + blocks),
+            None => values.slice(self.absmax_values()),
             Some(offset) => {
-                let groups = blocks.div_ceil(crate::quant::NESTED_BLOCKSIZE);
+                let groups = self.groups();
                 let padded = groups * crate::quant::NESTED_BLOCKSIZE;
-                let words = self.code_words();
                 let codes = Tensor::<B, 1, Int>::from_primitive(self.codes.clone())
-                    .slice(words..words + padded / 4);
+                    .slice(self.scale_code_words());
                 let codes = unpack_words(codes, 8);
-                let map = values.clone().slice(TABLE_LEN..TABLE_LEN + MAP_LEN);
-                let nested = values.slice(TABLE_LEN + MAP_LEN..TABLE_LEN + MAP_LEN + groups);
+                let map = values.clone().slice(MAP_VALUES);
+                let nested = values.slice(self.nested_values());
                 let v = map
                     .select(0, codes)
                     .reshape([groups, crate::quant::NESTED_BLOCKSIZE])

@@ -25,7 +25,7 @@ use peft_models::flex::{Product, contiguous, gemm};
 use rayon::prelude::*;
 
 use crate::backend::{
-    MAP_LEN, Q4Weight, QuantBackend, TABLE_LEN, portable_dequantize, portable_linear,
+    MAP_VALUES, Q4Weight, QuantBackend, TABLE_LEN, portable_dequantize, portable_linear,
     portable_linear_transposed,
 };
 
@@ -121,23 +121,16 @@ impl Parts {
 
     /// `None` when a tensor is shorter than the layout of `w` says.
     fn view(&self, w: &Q4Weight<Flex>) -> Option<HostWeight<'_>> {
-        let blocks = w.blocks();
         let codes = self.codes.storage::<i32>();
         let values = self.values.storage::<f32>();
         let words = w.code_words();
         let table: [f32; TABLE_LEN] = values.get(..TABLE_LEN)?.try_into().ok()?;
         let absmax = match w.double_quant {
-            None => HostAbsmax::Plain(values.get(TABLE_LEN..TABLE_LEN + blocks)?),
+            None => HostAbsmax::Plain(values.get(w.absmax_values())?),
             Some(offset) => HostAbsmax::Double {
-                codes: codes.get(words..words + blocks.div_ceil(4))?,
-                map: values
-                    .get(TABLE_LEN..TABLE_LEN + MAP_LEN)?
-                    .try_into()
-                    .ok()?,
-                nested: values.get(
-                    TABLE_LEN + MAP_LEN
-                        ..TABLE_LEN + MAP_LEN + blocks.div_ceil(crate::quant::NESTED_BLOCKSIZE),
-                )?,
+                codes: codes.get(w.scale_code_words())?,
+                map: values.get(MAP_VALUES)?.try_into().ok()?,
+                nested: values.get(w.nested_values())?,
                 offset,
             },
         };

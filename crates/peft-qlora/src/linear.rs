@@ -25,6 +25,7 @@
 //! weight, and nothing for the base.
 
 use std::cell::{Cell, RefCell};
+use std::ops::Range;
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
@@ -32,7 +33,7 @@ use burn::tensor::{DType, TensorCreationOptions, TensorData, TensorPrimitive};
 use peft_core::PeftError;
 use peft_core::inject::LinearWeight;
 
-use crate::backend::{MAP_LEN, Q4Weight, QuantBackend, TABLE_LEN};
+use crate::backend::{MAP_LEN, MAP_VALUES, Q4Weight, QuantBackend, TABLE_LEN};
 use crate::codes::dynamic_map;
 use crate::error::{QloraError, Result};
 use crate::quant::{DoubleQuant, NESTED_BLOCKSIZE, Packed4bit, QuantConfig, QuantizedWeight};
@@ -252,11 +253,11 @@ impl<B: Backend> Linear4bit<B> {
         let m = &self.meta;
         let numel = m.shape[0] * m.shape[1];
         let bs = m.config.blocksize;
-        let blocks = numel.div_ceil(bs);
+        let w = self.q4_weight();
+        let blocks = w.blocks();
         let all_codes = host_i32(&self.codes);
         let values = host_f32(&self.values);
-        let words = blocks * bs / 8;
-        let mut codes = unpack_words_host(&all_codes[..words.min(all_codes.len())], 4);
+        let mut codes = unpack_words_host(all_codes.get(..w.code_words()).unwrap_or_default(), 4);
         codes.truncate(numel);
         let qt = m.config.quant_type;
         if codes.len() % 2 == 1 {
@@ -267,26 +268,21 @@ impl<B: Backend> Linear4bit<B> {
             codes.push(zero);
         }
         let packed = codes.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
-        let groups = blocks.div_ceil(NESTED_BLOCKSIZE);
-        let tail = |from: usize, len: usize| {
-            values
-                .get(from..from + len)
-                .map(<[f32]>::to_vec)
-                .unwrap_or_default()
-        };
+        let part = |r: Range<usize>| values.get(r).map(<[f32]>::to_vec).unwrap_or_default();
         let double = m.config.double_quant.then(|| {
-            let mut c = unpack_words_host(all_codes.get(words..).unwrap_or_default(), 8);
+            let mut c =
+                unpack_words_host(all_codes.get(w.scale_code_words()).unwrap_or_default(), 8);
             c.truncate(blocks);
             DoubleQuant {
                 codes: c,
-                nested_absmax: tail(TABLE_LEN + MAP_LEN, groups),
+                nested_absmax: part(w.nested_values()),
                 offset: m.offset,
             }
         });
         let absmax = if double.is_some() {
             vec![]
         } else {
-            tail(TABLE_LEN, blocks)
+            part(w.absmax_values())
         };
         QuantizedWeight {
             codes: Packed4bit {
@@ -311,7 +307,7 @@ impl<B: Backend> Linear4bit<B> {
         self.meta
             .config
             .double_quant
-            .then(|| host_f32(&self.values.clone().slice(TABLE_LEN..TABLE_LEN + MAP_LEN)))
+            .then(|| host_f32(&self.values.clone().slice(MAP_VALUES)))
     }
 
     /// The per-block absmax as the dequantization uses it, on the device.
