@@ -118,17 +118,14 @@ fn int_options<B: Backend>(device: &B::Device) -> TensorCreationOptions<B> {
 }
 
 /// Packs values below `2^bits` into I32 words, `32 / bits` per word, the first at bit 0.
-fn pack_words(values: &[u8], bits: usize) -> Vec<i32> {
+fn pack_words(values: &[u8], bits: usize) -> impl Iterator<Item = i32> + '_ {
     let per = 32 / bits;
-    values
-        .chunks(per)
-        .map(|c| {
-            c.iter()
-                .enumerate()
-                .fold(0u32, |w, (j, &v)| w | (u32::from(v) << (bits * j)))
-                .cast_signed()
-        })
-        .collect()
+    values.chunks(per).map(move |c| {
+        c.iter()
+            .enumerate()
+            .fold(0u32, |w, (j, &v)| w | (u32::from(v) << (bits * j)))
+            .cast_signed()
+    })
 }
 
 fn unpack_words_host(words: &[i32], bits: usize) -> Vec<u8> {
@@ -202,25 +199,36 @@ impl<B: Backend> Linear4bit<B> {
         let blocks = c.numel.div_ceil(c.blocksize);
         let mut codes = crate::quant::unpack_nibbles(&c.packed, c.numel);
         codes.resize(blocks * c.blocksize, 0);
-        let four = pack_words(&codes, 4);
-        // (8-bit codes, statistics after the table, offset)
-        let (eight, stats, offset) = match &q.double {
-            Some(d) => {
-                let mut qa = d.codes.clone();
-                qa.resize(blocks.div_ceil(NESTED_BLOCKSIZE) * NESTED_BLOCKSIZE, 0);
-                let stats = [nested_map, &d.nested_absmax[..]].concat();
-                (pack_words(&qa, 8), stats, d.offset)
-            }
-            None => (vec![], c.absmax.clone(), 0.0),
-        };
+        let scale_codes = q.double.as_ref().map(|d| {
+            let mut qa = d.codes.clone();
+            qa.resize(blocks.div_ceil(NESTED_BLOCKSIZE) * NESTED_BLOCKSIZE, 0);
+            qa
+        });
         // Exact capacities: the tensors take the vectors' allocations as they are, so a
         // vector grown by appending would keep up to twice the codes' bytes.
-        let mut words = Vec::with_capacity(four.len() + eight.len());
-        words.extend_from_slice(&four);
-        words.extend_from_slice(&eight);
-        let mut values = Vec::with_capacity(table.len() + stats.len());
+        let mut words =
+            Vec::with_capacity(codes.len() / 8 + scale_codes.as_ref().map_or(0, |qa| qa.len() / 4));
+        words.extend(pack_words(&codes, 4));
+        if let Some(qa) = &scale_codes {
+            words.extend(pack_words(qa, 8));
+        }
+        let stats_len = match &q.double {
+            Some(d) => MAP_LEN + d.nested_absmax.len(),
+            None => c.absmax.len(),
+        };
+        let mut values = Vec::with_capacity(TABLE_LEN + stats_len);
         values.extend_from_slice(table);
-        values.extend_from_slice(&stats);
+        let offset = match &q.double {
+            Some(d) => {
+                values.extend_from_slice(nested_map);
+                values.extend_from_slice(&d.nested_absmax);
+                d.offset
+            }
+            None => {
+                values.extend_from_slice(&c.absmax);
+                0.0
+            }
+        };
         Self {
             codes: ints(words, device),
             values: floats(values, device),
